@@ -1,0 +1,195 @@
+"""LLM: vLLM's offline API — load a model once, then `generate` / `chat` over lists of prompts.
+
+The driver tokenizes, checks every request before any work starts (so one bad prompt costs
+nothing), hands token ids to the engine, and detokenizes the results back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sidp.config import EngineConfig, resolve_dtype
+from sidp.engine.llm_engine import LLMEngine
+from sidp.errors import SidpError
+from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
+from sidp.model.checkpoint import load_tokenizer, read_config
+from sidp.model.spec import ModelSpec
+from sidp.outputs import CompletionOutput, RequestOutput
+from sidp.sampling_params import SamplingParams
+
+logger = logging.getLogger("sidp")
+
+PromptLike = str | list[int] | dict
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        memory_per_replica: int | str | None = None,
+        enable_prefix_caching: bool = True,
+        block_size: int = 16,
+    ):
+        _configure_logging()
+        if model is None:
+            from sidp.model.default_model import default_model_path
+
+            model = default_model_path()
+        self.model_path = Path(model)
+        hf_config = read_config(self.model_path)
+        self.spec = ModelSpec.from_hf_config(hf_config)
+        self.tokenizer = load_tokenizer(self.model_path)
+        torch_dtype = resolve_dtype(dtype, hf_config)
+        budget = parse_bytes(memory_per_replica) if memory_per_replica is not None else default_memory_per_replica()
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
+        plan = plan_memory(self.spec, torch_dtype.itemsize, budget, block_size, max_num_batched_tokens, max_num_seqs)
+        self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
+        config = EngineConfig(
+            model=self.model_path,
+            dtype=torch_dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            memory_per_replica=budget,
+            eos_token_ids=self._eos_token_ids(),
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        logger.info("%s", plan.report(self.max_model_len))
+        self.engine = LLMEngine(config, self.spec, plan)
+
+    def _resolve_max_model_len(self, requested: int | None, kv_tokens: int) -> int:
+        limit = self.spec.max_position_embeddings
+        if requested is None:
+            if kv_tokens < limit:
+                logger.info("max_model_len lowered from %d to %d: that is all the KV cache holds.", limit, kv_tokens)
+            return min(limit, kv_tokens)
+        if requested > limit:
+            raise SidpError(f"max_model_len={requested} exceeds the model's max_position_embeddings ({limit}).")
+        if requested > kv_tokens:
+            raise SidpError(
+                f"max_model_len={requested} is more than the KV cache holds ({kv_tokens} tokens): "
+                "raise memory_per_replica or lower max_model_len."
+            )
+        return requested
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    # --- public API --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptLike | Seq[PromptLike],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        items = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        token_lists = [self._tokenize(p, i) for i, p in enumerate(items)]
+        texts = [p if isinstance(p, str) else (p.get("prompt") if isinstance(p, dict) else None) for p in items]
+        return self._run(texts, token_lists, self._per_request(sampling_params, len(items)), use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if self.tokenizer.chat_template is None:
+            raise SidpError(f"{self.model_path} has no chat template; use generate() with plain prompts.")
+        texts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
+            for c in conversations
+        ]
+        token_lists = [self._check(self.tokenizer.encode(t, add_special_tokens=False), i) for i, t in enumerate(texts)]
+        return self._run(texts, token_lists, self._per_request(sampling_params, len(texts)), use_tqdm)
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: PromptLike, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            ids = self.tokenizer.encode(prompt["prompt"])
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise SidpError(f"Prompt {index} is neither text nor a list of token ids: {type(prompt).__name__}.")
+        return self._check(ids, index)
+
+    def _check(self, ids: list[int], index: int) -> list[int]:
+        if not ids:
+            raise SidpError(f"Prompt {index} is empty.")
+        if len(ids) >= self.max_model_len:
+            raise SidpError(
+                f"Prompt {index} has {len(ids)} tokens; with max_model_len={self.max_model_len} it must be "
+                "shorter to leave room for at least one output token."
+            )
+        if not all(0 <= t < self.spec.vocab_size for t in ids):
+            raise SidpError(f"Prompt {index} holds a token id outside the vocabulary (0..{self.spec.vocab_size - 1}).")
+        return ids
+
+    @staticmethod
+    def _per_request(params: SamplingParams | Seq[SamplingParams] | None, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise SidpError(f"Got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt.")
+        return params
+
+    def _run(self, texts, token_lists, params, use_tqdm: bool) -> list[RequestOutput]:
+        seqs = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params, strict=True)]
+        bar = tqdm(total=len(seqs), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        started, tokens_in, tokens_out = time.perf_counter(), 0, 0
+        while self.engine.has_work():
+            for seq in self.engine.step():
+                tokens_in += seq.num_prompt_tokens
+                tokens_out += len(seq.output_token_ids)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix_str(f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                                    f"output: {tokens_out / elapsed:.2f} toks/s", refresh=False)
+                bar.update(1)
+        bar.close()
+        return [self._output(seq, text) for seq, text in zip(seqs, texts, strict=True)]
+
+    def _output(self, seq, prompt_text: str | None) -> RequestOutput:
+        out_ids = seq.output_token_ids
+        completion = CompletionOutput(0, self.tokenizer.decode(out_ids, skip_special_tokens=True), out_ids,
+                                      seq.finish_reason, seq.stop_reason)
+        return RequestOutput(str(seq.seq_id), prompt_text, seq.token_ids[: seq.num_prompt_tokens], [completion],
+                             num_cached_tokens=seq.num_cached_prompt_tokens)
+
+
+def _is_single_prompt(prompts) -> bool:
+    if isinstance(prompts, str | dict):
+        return True
+    return isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts)
+
+
+def _configure_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s sidp: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

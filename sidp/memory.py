@@ -1,0 +1,121 @@
+"""The per-replica memory ledger: budget → weights + activation workspace → KV blocks.
+
+Everything here is arithmetic on the model spec, so the numbers are exact, known before a single
+weight is read, and the same on any machine. The workspace is an upper estimate of the activations
+that the largest step keeps alive at once (one layer's worth, since layers run one after another).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from sidp.errors import SidpError
+from sidp.model.spec import ModelSpec
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """600MiB, 2GB, 1.5GiB or a plain number of bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise SidpError(f"Cannot read the memory size {value!r}: write bytes or a number with a unit, like 600MiB or 2GB.")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def default_memory_per_replica(num_replicas: int = 1) -> int:
+    """Half of this machine's RAM shared among the replicas: room for the OS, the driver and spikes."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // 2 // num_replicas
+
+
+def layer_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
+    h = spec.hidden_size
+    attn = (spec.q_size + 2 * spec.kv_size) * h + spec.q_size * h
+    attn += (spec.q_size + 2 * spec.kv_size) if spec.attention_bias else 0
+    attn += 2 * spec.head_dim if spec.qk_norm else 0
+    return {"attention": attn * dtype_bytes, "mlp": 3 * h * spec.intermediate_size * dtype_bytes,
+            "norms": 2 * h * dtype_bytes}
+
+
+def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
+    """Bytes of every weight the decoder holds, by part."""
+    per_layer = layer_weight_bytes(spec, dtype_bytes)
+    embed = spec.vocab_size * spec.hidden_size * dtype_bytes
+    return {
+        "embedding": embed,
+        "lm_head": 0 if spec.tie_word_embeddings else embed,
+        "attention": per_layer["attention"] * spec.num_layers,
+        "mlp": per_layer["mlp"] * spec.num_layers,
+        "norms": per_layer["norms"] * spec.num_layers + spec.hidden_size * dtype_bytes,
+    }
+
+
+def workspace_bytes(spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int) -> int:
+    """Peak live activations of one layer for the largest step, plus float32 logits for every sequence."""
+    h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * dtype_bytes + 2 * h * 4
+    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2
+
+
+@dataclass(slots=True)
+class MemoryPlan:
+    budget: int
+    weights: dict[str, int]
+    workspace: int
+    block_size: int
+    block_bytes: int
+    num_blocks: int
+
+    @property
+    def weight_total(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def report(self, max_model_len: int) -> str:
+        rows = [(f"weights: {part}", n) for part, n in self.weights.items() if n]
+        rows += [("activation workspace", self.workspace), ("KV cache", self.kv_bytes),
+                 ("unused (less than a block)", self.budget - self.weight_total - self.workspace - self.kv_bytes),
+                 ("budget", self.budget)]
+        width = max(len(name) for name, _ in rows)
+        table = "\n".join(f"  {name:<{width}}  {format_bytes(n):>12}" for name, n in rows)
+        return (f"KV cache size: {self.kv_tokens:,} tokens\n"
+                f"Maximum concurrency for {max_model_len:,} tokens per request: "
+                f"{self.kv_tokens / max_model_len:.2f}x\n"
+                f"Memory per replica:\n{table}")
+
+
+def plan_memory(spec: ModelSpec, dtype_bytes: int, budget: int, block_size: int,
+                max_num_batched_tokens: int, max_num_seqs: int) -> MemoryPlan:
+    weights = weight_bytes(spec, dtype_bytes)
+    workspace = workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs)
+    block_bytes = spec.kv_bytes_per_token(dtype_bytes) * block_size
+    free = budget - sum(weights.values()) - workspace
+    if free < block_bytes:
+        need = sum(weights.values()) + workspace + block_bytes
+        raise SidpError(
+            f"memory_per_replica={format_bytes(budget)} cannot hold this model: weights take "
+            f"{format_bytes(sum(weights.values()))} and the step workspace {format_bytes(workspace)}; "
+            f"give at least {need:,} bytes ({format_bytes(need)}), plus room for the KV cache."
+        )
+    return MemoryPlan(budget, weights, workspace, block_size, block_bytes, free // block_bytes)

@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache, for a step that mixes decode tokens and prefill chunks.
+
+A step's tokens are laid out decode sequences first (one token each), then prefill chunks. Decode
+sequences are served together by the paged decode kernel, which reads K/V where they lie. Each
+prefill chunk runs scaled-dot-product attention over its own context: its new K/V straight from the
+projection when nothing was cached before it, otherwise its cached blocks gathered by slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sidp.model.paged_attention import paged_decode_attention
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of this chunk in the step's token layout
+    end: int
+    context_slots: torch.Tensor | None  # cache slots of the whole context; None when no prefix was cached
+    mask: torch.Tensor | None  # [chunk, context] bool; None means plain causal over the chunk alone
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    positions: torch.Tensor  # [tokens] int64
+    slot_mapping: torch.Tensor  # [tokens] int64: where each new token's K/V goes
+    num_decode: int
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int32
+    decode_context_lens: torch.Tensor  # [num_decode] int32
+    prefills: list[PrefillChunk]
+
+
+@dataclass(slots=True)
+class KVCache:
+    """One layer's cache, [num_blocks, block_size, kv_heads, head_dim] for keys and for values."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv_heads, head_dim = self.k.shape[-2:]
+        self.k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+        self.v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_heads, head_dim = self.k.shape[-2:]
+        return self.k.view(-1, kv_heads, head_dim)[slots], self.v.view(-1, kv_heads, head_dim)[slots]
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] for this step's tokens → [tokens, heads, dim]."""
+    cache.write(batch.slot_mapping, k, v)
+    out = torch.empty_like(q)
+    if batch.num_decode:
+        out[: batch.num_decode] = paged_decode_attention(
+            q[: batch.num_decode], cache.k, cache.v, batch.decode_block_tables, batch.decode_context_lens, scale
+        )
+    for chunk in batch.prefills:
+        if chunk.context_slots is None:
+            keys, values = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
+        else:
+            keys, values = cache.gather(chunk.context_slots)
+        out[chunk.start : chunk.end] = F.scaled_dot_product_attention(
+            q[chunk.start : chunk.end].transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    return out
