@@ -1,0 +1,46 @@
+"""Shared test helpers: transformers' greedy reference and a memory budget sized in KV blocks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sidp.memory import weight_bytes, workspace_bytes
+from sidp.model.checkpoint import read_config
+from sidp.model.spec import ModelSpec
+
+
+@functools.cache
+def _hf_model(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # compare fixed lengths; EOS handling is tested apart
+    return model
+
+
+@functools.cache
+def _hf_greedy_one(path: Path, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    out = _hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=0)
+    return tuple(out[0, len(prompt):].tolist())
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run alone (no padding), in float32."""
+    return [list(_hf_greedy_one(path, tuple(p), max_new_tokens)) for p in prompts]
+
+
+def budget_for_blocks(path: Path, num_blocks: int, block_size: int = 16, dtype_bytes: int = 4,
+                      max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> int:
+    """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace."""
+    spec = ModelSpec.from_hf_config(read_config(path))
+    fixed = sum(weight_bytes(spec, dtype_bytes).values())
+    fixed += workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs)
+    return fixed + num_blocks * spec.kv_bytes_per_token(dtype_bytes) * block_size
+
+
+def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
