@@ -18,6 +18,7 @@ from sidp.engine.llm_engine import LLMEngine
 from sidp.errors import SidpError
 from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
+from sidp.model.linear import scratch_bytes
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
 from sidp.sampling_params import SamplingParams
@@ -52,7 +53,8 @@ class LLM:
         budget = parse_bytes(memory_per_replica) if memory_per_replica is not None else default_memory_per_replica()
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
-        plan = plan_memory(self.spec, torch_dtype.itemsize, budget, block_size, max_num_batched_tokens, max_num_seqs)
+        plan = plan_memory(self.spec, torch_dtype.itemsize, budget, block_size, max_num_batched_tokens,
+                           max_num_seqs, scratch_bytes(torch_dtype))
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
             model=self.model_path,

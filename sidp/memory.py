@@ -64,11 +64,12 @@ def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
     }
 
 
-def workspace_bytes(spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int) -> int:
-    """Peak live activations of one layer for the largest step, plus float32 logits for every sequence."""
+def workspace_bytes(spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int, scratch: int = 0) -> int:
+    """Peak live activations of one layer for the largest step, float32 logits for every sequence,
+    and the matmul scratch where the CPU multiplies through float32."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
     per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * dtype_bytes + 2 * h * 4
-    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2
+    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch
 
 
 @dataclass(slots=True)
@@ -106,9 +107,9 @@ class MemoryPlan:
 
 
 def plan_memory(spec: ModelSpec, dtype_bytes: int, budget: int, block_size: int,
-                max_num_batched_tokens: int, max_num_seqs: int) -> MemoryPlan:
+                max_num_batched_tokens: int, max_num_seqs: int, scratch: int = 0) -> MemoryPlan:
     weights = weight_bytes(spec, dtype_bytes)
-    workspace = workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs)
+    workspace = workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs, scratch)
     block_bytes = spec.kv_bytes_per_token(dtype_bytes) * block_size
     free = budget - sum(weights.values()) - workspace
     if free < block_bytes:

@@ -1,0 +1,192 @@
+"""The `sidp` command: generate (the embedded default job, prompts, or a JSONL file), info, bench.
+
+A mistake the user can fix ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from sidp.errors import SidpError
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (SidpError, OSError) as error:
+        print(f"sidp: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sidp: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidp", description="Offline LLM inference with a shared weight pool.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run prompts through a model (default: the embedded job)")
+    add_engine_arguments(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); chat-templated when the model has one")
+    gen.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
+    gen.add_argument("--input", type=Path, help="JSONL: one {id, prompt | messages, sampling fields} per line")
+    gen.add_argument("--output", type=Path, help="write results as JSONL here instead of printing them")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="architecture, parameters and bytes by part of a model")
+    info.add_argument("model", nargs="?", help="checkpoint folder or .gguf (default: the embedded model)")
+    info.add_argument("--dtype", default="bfloat16")
+    info.set_defaults(func=cmd_info)
+
+    from sidp.bench import throughput
+
+    bench = sub.add_parser("bench", help="offline throughput on a synthetic workload, beside transformers")
+    throughput.add_arguments(bench)
+    bench.set_defaults(func=throughput.run)
+    return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def make_llm(args: argparse.Namespace):
+    from sidp.llm import LLM
+
+    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               memory_per_replica=args.memory_per_replica, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sidp.sampling_params import SamplingParams
+
+    records = read_requests(args)
+    if args.output is not None:
+        _check_writable(args.output)
+    llm = make_llm(args)
+    defaults = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                    max_tokens=args.max_tokens)
+    params = [SamplingParams(**{**defaults, **{k: r[k] for k in SAMPLING_FIELDS if k in r}}) for r in records]
+    chat = [i for i, r in enumerate(records) if "messages" in r]
+    plain = [i for i, r in enumerate(records) if "messages" not in r]
+    results = {}
+    show = not args.quiet and sys.stderr.isatty()
+    if chat:
+        outs = llm.chat([records[i]["messages"] for i in chat], [params[i] for i in chat], use_tqdm=show)
+        results.update(zip(chat, outs, strict=True))
+    if plain:
+        outs = llm.generate([records[i]["prompt"] for i in plain], [params[i] for i in plain], use_tqdm=show)
+        results.update(zip(plain, outs, strict=True))
+    write_results(records, [results[i] for i in range(len(records))], args.output)
+    return 0
+
+
+def read_requests(args: argparse.Namespace) -> list[dict]:
+    if args.input is not None and args.prompt:
+        raise SidpError("Give --prompt or --input, not both.")
+    if args.prompt:
+        key = "prompt" if args.raw else "messages"
+        return [{"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}
+                for i, p in enumerate(args.prompt)]
+    if args.input is None:
+        text = resources.files("sidp").joinpath("data/prompts.jsonl").read_text()
+        return parse_jsonl(text.splitlines(), "the embedded prompts")
+    try:
+        lines = args.input.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SidpError(f"Cannot read --input {args.input}: {error}") from None
+    return parse_jsonl(lines, str(args.input))
+
+
+def parse_jsonl(lines: list[str], source: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SidpError(f"{source} line {number} is not valid JSON: {error.msg}.") from None
+        if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+            raise SidpError(f"{source} line {number} needs exactly one of \"prompt\" or \"messages\".")
+        record.setdefault("id", f"line-{number}")
+        records.append(record)
+    if not records:
+        raise SidpError(f"{source} holds no requests.")
+    return records
+
+
+def write_results(records: list[dict], outputs: list, path: Path | None) -> None:
+    rows = [{"id": r["id"], "text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
+             "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(o.outputs[0].token_ids)}
+            for r, o in zip(records, outputs, strict=True)]
+    if path is not None:
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    for record, row in zip(records, rows, strict=True):
+        question = record["messages"][-1]["content"] if "messages" in record else record["prompt"]
+        print(f"### {question}\n{row['text'].strip()}\n")
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise SidpError(f"Cannot write --output {path}: {error.strerror}.") from None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from sidp.config import resolve_dtype
+    from sidp.memory import format_bytes, weight_bytes
+    from sidp.model.checkpoint import read_config
+    from sidp.model.spec import ModelSpec
+
+    if args.model is None:
+        from sidp.model.default_model import default_model_path
+
+        args.model = default_model_path()
+    config = read_config(args.model)
+    spec = ModelSpec.from_hf_config(config)
+    dtype = resolve_dtype(args.dtype, config)
+    parts = weight_bytes(spec, dtype.itemsize)
+    total = sum(parts.values())
+    print(f"model            {args.model}")
+    print(f"architecture     {spec.family} ({', '.join(config.get('architectures') or [])})")
+    print(f"layers           {spec.num_layers}, hidden {spec.hidden_size}, intermediate {spec.intermediate_size}")
+    print(f"attention        {spec.num_heads} heads, {spec.num_kv_heads} KV heads, head_dim {spec.head_dim}")
+    print(f"vocabulary       {spec.vocab_size} ({'tied' if spec.tie_word_embeddings else 'untied'} embeddings)")
+    print(f"context          {spec.max_position_embeddings} positions, rope theta {spec.rope_theta:g}")
+    print(f"parameters       {total // dtype.itemsize:,}")
+    print(f"bytes ({str(dtype).removeprefix('torch.')}):")
+    for part, n in parts.items():
+        print(f"  {part:<12} {format_bytes(n):>12}  {100 * n / total:5.1f}%")
+    print(f"  {'total':<12} {format_bytes(total):>12}")
+    print(f"KV cache         {format_bytes(spec.kv_bytes_per_token(dtype.itemsize))} per token")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
