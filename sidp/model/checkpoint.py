@@ -1,0 +1,159 @@
+"""Read a checkpoint lazily, one tensor at a time: a safetensors folder (single file or sharded) or a GGUF.
+
+Everything above this module sees Hugging Face names and layouts, whatever the format on disk, so the
+model code has one way to get a weight: `open_checkpoint(path).read(name, dtype)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from sidp.errors import SidpError
+
+if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer needs it, at call time
+    from transformers import PreTrainedTokenizerBase
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Checkpoint(Protocol):
+    def names(self) -> list[str]:
+        """Every tensor name, as Hugging Face spells it (e.g. "model.layers.3.mlp.up_proj.weight")."""
+        ...
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor in HF layout, converted to dtype: contiguous and owning its memory."""
+        ...
+
+
+class SafetensorsCheckpoint:
+    """A folder of safetensors files; the handles stay open and each `read` pulls one tensor."""
+
+    def __init__(self, folder: Path):
+        self._where: dict[str, Any] = {}  # tensor name → the open handle of the file holding it
+        for file in _safetensors_files(folder):
+            handle = _open_safetensors(folder / file)
+            self._where.update((name, handle) for name in handle.keys())  # noqa: SIM118 (not a dict)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        handle = self._where.get(name)
+        if handle is None:
+            raise SidpError(f"Tensor {name!r} is not in this checkpoint; is it a complete model of a "
+                            "supported family?")
+        tensor = handle.get_tensor(name)
+        # safe_open hands out views of a memory-mapped file; copy so callers own their tensors outright.
+        return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint at path: a safetensors folder (one file or shards), a .gguf, or a folder with one."""
+    resolved = _resolve(path)
+    if resolved.is_file():
+        from sidp.model.gguf_checkpoint import open_gguf
+
+        return open_gguf(resolved)
+    return SafetensorsCheckpoint(resolved)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The model's Hugging Face config as a dict (synthesized from the metadata for a GGUF)."""
+    resolved = _resolve(path)
+    if resolved.is_file():
+        from sidp.model.gguf_checkpoint import open_gguf
+
+        return open_gguf(resolved).config()
+    config = _read_json(resolved / "config.json")
+    if not isinstance(config, dict):
+        raise SidpError(f"{resolved / 'config.json'} is not a JSON object; restore the model's config.json.")
+    return config
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (a transformers PreTrainedTokenizerBase), with its chat template."""
+    from transformers import AutoTokenizer
+
+    resolved = _resolve(path)
+    if resolved.is_file():
+        from sidp.model.gguf_checkpoint import open_gguf
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolved.parent, gguf_file=resolved.name)
+        except Exception as error:  # transformers raises many types here; all mean "cannot build it"
+            raise SidpError(f"Cannot build a tokenizer from {resolved}: {error}. "
+                            "Use the model's safetensors folder instead.") from None
+        if not getattr(tokenizer, "chat_template", None):
+            # transformers does not always carry the GGUF's template over; without it chat() cannot work.
+            tokenizer.chat_template = open_gguf(resolved).chat_template()
+        return tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(resolved)
+    except Exception as error:
+        raise SidpError(f"Cannot load the tokenizer in {resolved}: {error}. "
+                        "The folder needs the tokenizer files saved with the model.") from None
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """The .gguf file to read, or the safetensors folder; raises when path cannot be a checkpoint."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SidpError(f"Model path {p} does not exist; pass a model folder or a .gguf file.")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise SidpError(f"{p} is a file but not a .gguf; pass the model's folder or a .gguf file.")
+        return p
+    if (p / SINGLE_FILE).exists() or (p / INDEX_FILE).exists():
+        if not (p / "config.json").exists():
+            raise SidpError(f"{p} has weights but no config.json; copy the model's config.json into it.")
+        return p
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs)
+        raise SidpError(f"{p} holds several GGUF files ({names}); pass the one to use.")
+    if not (p / "config.json").exists():
+        raise SidpError(f"{p} holds no model: it needs config.json and {SINGLE_FILE} (or shards), "
+                        "or a single .gguf file.")
+    raise SidpError(f"{p} has a config.json but no {SINGLE_FILE} or {INDEX_FILE}; "
+                    "download the weights into it.")
+
+
+def _safetensors_files(folder: Path) -> list[str]:
+    """The weight files: the shards the index names, or the single model.safetensors."""
+    if (folder / INDEX_FILE).exists():
+        index = _read_json(folder / INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SidpError(f"{folder / INDEX_FILE} has no weight_map; restore it from the model's source.")
+        for file in set(weight_map.values()):
+            if not (folder / file).exists():
+                raise SidpError(f"Shard {file} listed in {INDEX_FILE} is missing from {folder}; download it.")
+        return sorted(set(weight_map.values()))
+    return [SINGLE_FILE]
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError or OSError
+        raise SidpError(f"Cannot read {file}: {error}. The file is corrupt or incomplete; "
+                        "download it again.") from None
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise SidpError(f"Cannot read {file}: {error}. Check the file exists and is readable.") from None
+    except json.JSONDecodeError as error:
+        raise SidpError(f"{file} is not valid JSON ({error}); restore it from the model's source.") from None
