@@ -1,9 +1,9 @@
 // CPU decode attention that reads K/V where they sit in the paged KV cache, so a decode step never
 // gathers each sequence's blocks into a padded copy. Built at first use by sidp/model/paged_attention.py.
 //
-// Written against PyTorch's stable C ABI (torch/csrc/stable): its headers compile in about a second,
-// where <torch/extension.h> takes over twenty. The inner loops are plain C++ that gcc vectorises under
-// -O3 -march=native -fopenmp-simd; keep them free of calls and branches so it still does.
+// Written against PyTorch's stable C ABI (torch/csrc/stable), whose headers compile in about a second
+// where <torch/extension.h> takes over twenty. The arithmetic uses GCC/Clang vector extensions, which
+// the compiler maps onto whatever -march=native offers (zmm, ymm or NEON registers).
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -13,6 +13,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -23,20 +25,19 @@ using torch::stable::Tensor;
 inline float as_float(uint32_t u) { return std::bit_cast<float>(u); }
 inline uint32_t as_bits(float f) { return std::bit_cast<uint32_t>(f); }
 
-// Widen one cache row to float. Each returns a pointer to D floats: fp32 rows are used in place.
+// Element types of the cache: widen() turns n elements into floats, store() narrows one result.
 struct F32 {
   using T = float;
-  static const float* row(const T* src, float* /*buf*/, int64_t /*n*/) { return src; }
+  static void widen(const T* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
   static void store(float x, T* dst) { *dst = x; }
 };
 
 struct BF16 {
   using T = uint16_t;
   // bf16 is the top half of a float, so widening is a zero-extend and a shift (vpmovzxwd + vpslld).
-  static const float* row(const T* __restrict src, float* __restrict buf, int64_t n) {
+  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = as_float(uint32_t(src[i]) << 16);
-    return buf;
+    for (int64_t i = 0; i < n; ++i) dst[i] = as_float(uint32_t(src[i]) << 16);
   }
   static void store(float x, T* dst) { *dst = torch::headeronly::BFloat16(x).x; }  // rounds to nearest even
 };
@@ -45,34 +46,96 @@ struct F16 {
   using T = uint16_t;
   // Rebias the exponent by multiplying by 2^112, which is also exact for fp16 subnormals; inf and NaN
   // take the other branch. gcc does not vectorise _Float16 -> float, hence the bit arithmetic.
-  static const float* row(const T* __restrict src, float* __restrict buf, int64_t n) {
+  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t mag = uint32_t(src[i] & 0x7fffu) << 13;
       const uint32_t sign = uint32_t(src[i] & 0x8000u) << 16;
-      const uint32_t widened = mag >= (0x7c00u << 13) ? (mag | 0x7f800000u) : as_bits(as_float(mag) * 0x1p112f);
-      buf[i] = as_float(widened | sign);
+      const uint32_t wide = mag >= (0x7c00u << 13) ? (mag | 0x7f800000u) : as_bits(as_float(mag) * 0x1p112f);
+      dst[i] = as_float(wide | sign);
     }
-    return buf;
   }
   static void store(float x, T* dst) { *dst = torch::headeronly::Half(x).x; }
 };
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// One vector is as wide as the target's registers: generic vectors wider than that are split by gcc
+// through the stack, which made an AVX2 build ten times slower.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE, NEON
+#endif
+typedef float fvec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+
+inline fvec splat(float x) { return fvec{} + x; }
+
+inline fvec vload(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+inline void vstore(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+
+// Lane i of fold<w>(a, b): a's lanes when i < kLanes / 2, else b's; each half of the result takes its
+// vector's lanes in groups of 2w and adds the group's first w lanes onto its last w.
+constexpr int fold_lane(int w, int i) {
+  const int j = i % (kLanes / 2);
+  return (i < kLanes / 2 ? 0 : kLanes) + j / w * 2 * w + j % w;
+}
+
+template <int W, size_t... I>
+inline fvec fold(fvec a, fvec b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, fold_lane(W, I)...) +
+         __builtin_shufflevector(a, b, (fold_lane(W, I) + W)...);
+}
+
+// v holds 2W vectors of partial sums (kLanes of them, one per row, at the first call); returns the
+// vector whose lane t is row t's total.
+template <int W>
+inline fvec fold_rows(fvec* v) {
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) v[i] = fold<W>(v[2 * i], v[2 * i + 1], std::make_index_sequence<kLanes>());
+  if constexpr (W == 1) {
+    return v[0];
+  } else {
+    return fold_rows<W / 2>(v);
+  }
+}
+
+// Lane t of the result is the dot product of q with row t of kLanes widened rows. Summing each row's
+// vector on its own would cost as much again as the multiplies; folding them together costs about
+// three instructions per row.
+inline fvec block_scores(const float* q, const float* rows, int64_t width) {
+  fvec part[kLanes];
+#pragma GCC unroll 16
+  for (int t = 0; t < kLanes; ++t) {
+    fvec acc = {};
+    for (int64_t c = 0; c < width; c += kLanes) acc += vload(q + c) * vload(rows + t * width + c);
+    part[t] = acc;
+  }
+  return fold_rows<kLanes / 2>(part);
+}
+
+// acc += sum over t < m of w[t] * rows[t].
+inline void accumulate(float* acc, const float* w, const float* rows, int64_t m, int64_t width) {
+  for (int64_t c = 0; c < width; c += kLanes) {
+    fvec a = vload(acc + c);
+    for (int64_t t = 0; t < m; ++t) a += w[t] * vload(rows + t * width + c);
+    vstore(acc + c, a);
+  }
 }
 
 // e^x for x <= 0 as 2^n * e^r, |r| <= ln2/2, with a degree-7 Taylor polynomial for e^r (truncation
-// error < 1e-8, so within a couple of ulp of expf). libm's expf only vectorises under -ffast-math, and
-// one exp per (token, head) would otherwise cost as much as the whole K pass.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // e^-87 is negligible next to the max term's 1, and keeps 2^n a normal float
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts: n * hi is exact
-  float p = 1.0f / 5040;
+// error < 1e-8, so within a couple of ulp of expf); libm's expf only vectorises under -ffast-math.
+// Below -87 the result would leave float's normal range; it is returned as 0, which padding relies on.
+inline fvec exp_nonpositive(fvec x) {
+  const fvec y = x < -87.0f ? splat(-87.0f) : x;
+  const fvec n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23 rounds to integer
+  const fvec r = (y - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts: n * hi is exact
+  fvec p = splat(1.0f / 5040);
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
@@ -80,20 +143,29 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * as_float(uint32_t(int32_t(n) + 127) << 23);
+  const fvec two_n = (fvec)((__builtin_convertvector(n, ivec) + 127) << 23);
+  return x < -87.0f ? splat(0.0f) : p * two_n;
 }
 
-// Turns scores into unnormalised probabilities in place; returns their sum.
-inline float softmax_numerators(float* __restrict s, int64_t n) {
-  float mx = s[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, s[i]);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = exp_nonpositive(s[i] - mx);
-    sum += s[i];
+// Turns n scores into unnormalised probabilities in place; returns their sum. n is a multiple of kLanes
+// and the padding holds -inf.
+inline float softmax_numerators(float* s, int64_t n) {
+  fvec mx = splat(-INFINITY);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const fvec x = vload(s + i);
+    mx = x > mx ? x : mx;
   }
-  return sum;
+  float top = mx[0];
+  for (int l = 1; l < kLanes; ++l) top = std::max(top, mx[l]);
+  fvec sum = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const fvec e = exp_nonpositive(vload(s + i) - top);
+    vstore(s + i, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  return total;
 }
 
 struct Problem {
@@ -107,59 +179,92 @@ struct Problem {
   float scale;
 };
 
-// Per-thread buffers, sized for the longest sequence in the batch.
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread buffers. Rows are widened to `width` floats (head_dim rounded up to kLanes, zero padded) and
+// handled kLanes at a time; a block whose size is not a multiple of that just ends in a shorter run.
 struct Scratch {
-  std::vector<float> q, row, scores, acc, inv_sum;
+  int64_t width, len_stride;
+  std::vector<float> q, rows, scores, acc, inv_sum;
   Scratch(int64_t group, int64_t head_dim, int64_t max_len)
-      : q(group * head_dim), row(head_dim), scores(group * max_len), acc(group * head_dim), inv_sum(group) {}
+      : width(round_up(head_dim, kLanes)), len_stride(round_up(max_len, kLanes)), q(group * width),
+        rows(kLanes * width), scores(group * len_stride), acc(group * width), inv_sum(group) {}
 };
+
+// Widens m (<= kLanes) consecutive tokens' rows of one KV head into s.rows.
+template <typename L>
+void widen_rows(const typename L::T* first, int64_t row_stride, int64_t m, int64_t D, Scratch& s) {
+  for (int64_t t = 0; t < m; ++t) L::widen(first + t * row_stride, s.rows.data() + t * s.width, D);
+}
+
+// Calls f(start, m, first_row) for each run of up to kLanes tokens of the sequence that share a cache block.
+// Runs sit in scattered blocks, beyond what the hardware prefetcher guesses, so the next run's rows are
+// requested while this one is worked on.
+template <typename T, typename F>
+void for_each_run(const T* cache, const Problem& p, const int32_t* table, int64_t n, int64_t kvh, F&& f) {
+  const int64_t bs = p.block_size, row_stride = p.num_kv_heads * p.head_dim;
+  const int64_t row_bytes = p.head_dim * int64_t(sizeof(T));
+  auto run_at = [&](int64_t start, int64_t& m) {
+    const int64_t in_block = start % bs;
+    m = std::min({int64_t{kLanes}, bs - in_block, n - start});
+    return cache + (table[start / bs] * bs + in_block) * row_stride + kvh * p.head_dim;
+  };
+  int64_t m = 0, next_m = 0;
+  for (int64_t start = 0; start < n; start += m) {
+    const T* first = run_at(start, m);
+    if (start + m < n) {
+      const char* next = reinterpret_cast<const char*>(run_at(start + m, next_m));
+      for (int64_t t = 0; t < next_m; ++t)
+        for (int64_t byte = 0; byte < row_bytes; byte += 64)
+          __builtin_prefetch(next + t * row_stride * int64_t(sizeof(T)) + byte);
+    }
+    f(start, m, first);
+  }
+}
 
 // All query heads of KV head `kvh` for sequence `b`: one pass over its keys, then one over its values,
 // so each cached row is read once however large the group.
 template <typename L>
 void attend(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
   using T = typename L::T;
-  const int64_t D = p.head_dim, G = p.num_heads / p.num_kv_heads, bs = p.block_size;
-  const int64_t n = p.context_lens[b];
+  const int64_t D = p.head_dim, W = s.width, G = p.num_heads / p.num_kv_heads, stride = s.len_stride;
+  const int64_t n = p.context_lens[b], n_pad = round_up(n, kLanes);
   const int64_t row_stride = p.num_kv_heads * D;  // between consecutive tokens of one block
   const int32_t* table = p.block_tables + b * p.max_blocks;
   const int64_t first_head = b * p.num_heads + kvh * G;
 
   const T* q = static_cast<const T*>(p.q) + first_head * D;
   for (int64_t g = 0; g < G; ++g) {
-    const float* qg = L::row(q + g * D, s.row.data(), D);
-    for (int64_t d = 0; d < D; ++d) s.q[g * D + d] = qg[d] * p.scale;
+    float* qg = s.q.data() + g * W;
+    L::widen(q + g * D, qg, D);
+    for (int64_t d = 0; d < D; ++d) qg[d] *= p.scale;
   }
 
-  const T* k = static_cast<const T*>(p.k);
-  for (int64_t start = 0; start < n; start += bs) {
-    const T* block = k + (table[start / bs] * bs * p.num_kv_heads + kvh) * D;
-    for (int64_t t = 0, m = std::min(bs, n - start); t < m; ++t) {
-      const float* kr = L::row(block + t * row_stride, s.row.data(), D);
-      for (int64_t g = 0; g < G; ++g) s.scores[g * n + start + t] = dot(s.q.data() + g * D, kr, D);
+  for_each_run(static_cast<const T*>(p.k), p, table, n, kvh, [&](int64_t start, int64_t m, const T* first) {
+    widen_rows<L>(first, row_stride, m, D, s);
+    for (int64_t g = 0; g < G; ++g) {
+      float scores[kLanes];
+      vstore(scores, block_scores(s.q.data() + g * W, s.rows.data(), W));
+      std::copy(scores, scores + m, s.scores.data() + g * stride + start);
     }
-  }
+  });
 
-  for (int64_t g = 0; g < G; ++g) s.inv_sum[g] = 1.0f / softmax_numerators(s.scores.data() + g * n, n);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s.scores.data() + g * stride;
+    std::fill(sg + n, sg + n_pad, -INFINITY);
+    s.inv_sum[g] = 1.0f / softmax_numerators(sg, n_pad);
+  }
 
   std::fill(s.acc.begin(), s.acc.end(), 0.0f);
-  const T* v = static_cast<const T*>(p.v);
-  for (int64_t start = 0; start < n; start += bs) {
-    const T* block = v + (table[start / bs] * bs * p.num_kv_heads + kvh) * D;
-    for (int64_t t = 0, m = std::min(bs, n - start); t < m; ++t) {
-      const float* vr = L::row(block + t * row_stride, s.row.data(), D);
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = s.scores[g * n + start + t];
-        float* __restrict acc = s.acc.data() + g * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
-      }
-    }
-  }
+  for_each_run(static_cast<const T*>(p.v), p, table, n, kvh, [&](int64_t start, int64_t m, const T* first) {
+    widen_rows<L>(first, row_stride, m, D, s);
+    for (int64_t g = 0; g < G; ++g)
+      accumulate(s.acc.data() + g * W, s.scores.data() + g * stride + start, s.rows.data(), m, W);
+  });
 
   T* out = static_cast<T*>(p.out) + first_head * D;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) L::store(s.acc[g * D + d] * s.inv_sum[g], out + g * D + d);
+    for (int64_t d = 0; d < D; ++d) L::store(s.acc[g * W + d] * s.inv_sum[g], out + g * D + d);
 }
 
 template <typename L>
@@ -172,7 +277,8 @@ void run(const Problem& p, int64_t batch, int64_t max_len) {
   });
 }
 
-void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tables, const Tensor& lens) {
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tables,
+                  const Tensor& lens) {
   STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && tables.is_cpu() && lens.is_cpu(),
                   "paged_decode_attention: all tensors must be on the CPU");
   STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && tables.dim() == 2 && lens.dim() == 1,
@@ -212,14 +318,22 @@ int64_t check_tables(const Tensor& tables, const Tensor& lens, int64_t num_block
   return max_len;
 }
 
-Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens,
-                              double scale) {
+Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,
+                              Tensor context_lens, double scale) {
   check_inputs(q, k_cache, v_cache, block_tables, context_lens);
   const int64_t max_len = check_tables(block_tables, context_lens, k_cache.size(0), k_cache.size(1));
   Tensor out = torch::stable::empty_like(q);
-  const Problem p{q.const_data_ptr(), k_cache.const_data_ptr(), v_cache.const_data_ptr(), out.mutable_data_ptr(),
-                  block_tables.const_data_ptr<int32_t>(), context_lens.const_data_ptr<int32_t>(),
-                  q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), block_tables.size(1),
+  const Problem p{q.const_data_ptr(),
+                  k_cache.const_data_ptr(),
+                  v_cache.const_data_ptr(),
+                  out.mutable_data_ptr(),
+                  block_tables.const_data_ptr<int32_t>(),
+                  context_lens.const_data_ptr<int32_t>(),
+                  q.size(1),
+                  k_cache.size(2),
+                  q.size(2),
+                  k_cache.size(1),
+                  block_tables.size(1),
                   static_cast<float>(scale)};
   switch (q.scalar_type()) {
     case ScalarType::Float: run<F32>(p, q.size(0), max_len); break;

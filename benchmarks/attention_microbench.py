@@ -1,0 +1,144 @@
+"""Decode attention at SmolLM2-135M's shapes: the paged kernel, which reads K/V in place, against the
+reference, which gathers each sequence's blocks into a padded copy first. Prints a table and writes JSON.
+
+    python benchmarks/attention_microbench.py --threads 2 --out bench-results/attention.json
+
+Each call reads one of --layers distinct caches in turn, as a decode step walks its layers, so K/V come
+from memory rather than from a cache the previous call just warmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sidp.model.paged_attention import paged_decode_attention, paged_decode_attention_reference
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=ints, default=[1, 8, 32, 64, 128])
+    p.add_argument("--contexts", type=ints, default=[128, 330, 600], help="tokens per sequence")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp32"])
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--layers", type=int, default=30, help="distinct caches cycled through")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (fewer past 3 s)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench-results/attention.json"))
+    return p.parse_args()
+
+
+def make_case(args, batch: int, context: int, dtype: torch.dtype):
+    """One pool of blocks for all layers, handed out shuffled as a block manager would after churn."""
+    per_seq = -(-context // args.block_size)
+    num_blocks = args.layers * batch * per_seq
+    shape = (num_blocks, args.block_size, args.kv_heads, args.head_dim)
+    k = torch.empty(shape, dtype=dtype).uniform_(-1, 1)
+    v = torch.empty(shape, dtype=dtype).uniform_(-1, 1)
+    order = torch.randperm(num_blocks, dtype=torch.int32).reshape(args.layers, batch, per_seq)
+    q = torch.randn(batch, args.heads, args.head_dim).to(dtype)
+    lens = torch.full((batch,), context, dtype=torch.int32)
+    return q, k, v, list(order), lens
+
+
+def time_calls(fn, case, scale: float, repeats: int) -> list[float]:
+    q, k, v, tables, lens = case
+    for layer in range(2):
+        fn(q, k, v, tables[layer], lens, scale)
+    times: list[float] = []
+    budget_end = time.perf_counter() + 3.0
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(q, k, v, tables[i % len(tables)], lens, scale)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 5 and start > budget_end:
+            break
+    return times
+
+
+def measure(args, name: str, batch: int, context: int) -> dict:
+    case = make_case(args, batch, context, DTYPES[name])
+    kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * case[1].element_size()
+    row = {"dtype": name, "batch": batch, "context": context, "kv_bytes": kv_bytes}
+    for label, fn in (("kernel", paged_decode_attention), ("reference", paged_decode_attention_reference)):
+        times = time_calls(fn, case, args.head_dim**-0.5, args.repeats)
+        median = statistics.median(times)
+        row[f"{label}_ms"] = median * 1e3
+        row[f"{label}_min_ms"] = min(times) * 1e3
+        row[f"{label}_gbps"] = kv_bytes / median / 1e9
+        row[f"{label}_calls"] = len(times)
+    row["speedup"] = row["reference_ms"] / row["kernel_ms"]
+    return row
+
+
+def first_call_seconds() -> float:
+    """Compiling the kernel, or loading the cached build."""
+    start = time.perf_counter()
+    one = torch.ones(1, 1, 1, 16)
+    paged_decode_attention(
+        one[0], one, one, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0
+    )
+    return time.perf_counter() - start
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    first_call_s = first_call_seconds()
+    # Medians are the headline; minimums show what a call costs when nothing else wanted the CPU.
+    header = "dtype    B  ctx   KV MB | kernel ms    min   GB/s |   ref ms     min   GB/s |    x"
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for name in args.dtypes:
+        for batch in args.batch_sizes:
+            for context in args.contexts:
+                r = measure(args, name, batch, context)
+                rows.append(r)
+                print(
+                    f"{name:5} {batch:4} {context:4} {r['kv_bytes'] / 1e6:7.2f} | {r['kernel_ms']:9.3f} "
+                    f"{r['kernel_min_ms']:6.3f} {r['kernel_gbps']:6.1f} | {r['reference_ms']:8.3f} "
+                    f"{r['reference_min_ms']:7.3f} {r['reference_gbps']:6.1f} | {r['speedup']:4.1f}",
+                    flush=True,
+                )
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu": cpu_name(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "first_call_s": first_call_s,
+        "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
+        "block_size": args.block_size,
+        "layers": args.layers,
+        "note": "kv_bytes counts K and V rows the step must read; *_ms is the median call",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
