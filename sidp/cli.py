@@ -19,7 +19,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        args.func(args)
+        return 0
     except (SidpError, OSError) as error:
         print(f"sidp: error: {error}", file=sys.stderr)
         return 2
@@ -77,7 +78,7 @@ def make_llm(args: argparse.Namespace):
                memory_per_replica=args.memory_per_replica, enable_prefix_caching=not args.no_prefix_caching)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace) -> None:
     from sidp.sampling_params import SamplingParams
 
     records = read_requests(args)
@@ -98,7 +99,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         outs = llm.generate([records[i]["prompt"] for i in plain], [params[i] for i in plain], use_tqdm=show)
         results.update(zip(plain, outs, strict=True))
     write_results(records, [results[i] for i in range(len(records))], args.output)
-    return 0
 
 
 def read_requests(args: argparse.Namespace) -> list[dict]:
@@ -158,7 +158,7 @@ def _check_writable(path: Path) -> None:
         raise SidpError(f"Cannot write --output {path}: {error.strerror}.") from None
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace) -> None:
     from sidp.config import resolve_dtype
     from sidp.memory import format_bytes, weight_bytes
     from sidp.model.checkpoint import read_config
@@ -185,7 +185,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {part:<12} {format_bytes(n):>12}  {100 * n / total:5.1f}%")
     print(f"  {'total':<12} {format_bytes(total):>12}")
     print(f"KV cache         {format_bytes(spec.kv_bytes_per_token(dtype.itemsize))} per token")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""`sidp bench`: offline throughput on a synthetic workload, measured the way vLLM's benchmark does."""

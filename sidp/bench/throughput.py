@@ -1,0 +1,238 @@
+"""`sidp bench`: time sidp on a random workload, then transformers on the same one, and write the numbers.
+
+Timing follows vLLM's benchmark_throughput: the model is loaded first, the clock covers generation only,
+and the printed line has vLLM's wording. Results are a list of engine runs so that more sidp
+configurations (data-parallel replicas, later) can sit beside the baseline in one report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sidp.bench.workload import Request, output_tokens, prompt_tokens, random_workload, rates, throughput_line
+from sidp.errors import SidpError
+
+logger = logging.getLogger("sidp")
+
+WARMUP_OUTPUT_LEN = 32  # warmup only has to pay one-time costs, not rehearse the whole workload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder or .gguf (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="bfloat16", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len", default="100:400", help="prompt tokens, LOW:HIGH inclusive, or N")
+    parser.add_argument("--output-len", default="64:256", help="output tokens, LOW:HIGH inclusive, or N")
+    parser.add_argument("--seed", type=int, default=0, help="the workload depends on this alone")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--baseline", choices=("transformers", "none"), default="transformers")
+    parser.add_argument("--hf-batch-sizes", default="8,16,32,64",
+                        help="transformers batch sizes to probe; the fastest runs the full workload")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"), help="JSON report")
+    parser.add_argument("--warmup", type=int, default=4, help="requests run through sidp before timing")
+
+
+def run(args: argparse.Namespace) -> dict:
+    input_len = parse_range(args.input_len, "--input-len")
+    output_len = parse_range(args.output_len, "--output-len")
+    hf_batch_sizes = parse_sizes(args.hf_batch_sizes)
+    if args.warmup < 0:
+        raise SidpError(f"--warmup must be 0 or more, got {args.warmup}.")
+    _prepare_out(args.out)  # fail before minutes of benchmarking, not after
+    loadavg_before = os.getloadavg()
+
+    from sidp.llm import LLM
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, memory_per_replica=args.memory_per_replica,
+              enable_prefix_caching=not args.no_prefix_caching)
+    avoid = set(llm.tokenizer.all_special_ids) | set(llm.spec.eos_token_ids)
+    requests = random_workload(args.num_requests, input_len, output_len, vocab_size=llm.spec.vocab_size,
+                               seed=args.seed, avoid_ids=avoid)
+    _check_fits(requests, llm.max_model_len)
+    # Another seed, so the timed prompts never hit blocks that warmup left in the prefix cache.
+    warmup_output = (min(output_len[0], WARMUP_OUTPUT_LEN), min(output_len[1], WARMUP_OUTPUT_LEN))
+    warmup = random_workload(args.warmup, input_len, warmup_output, vocab_size=llm.spec.vocab_size,
+                             seed=args.seed + 1, avoid_ids=avoid) if args.warmup else []
+
+    results = [run_sidp(llm, requests, warmup, label="sidp")]
+    model_path, dtype = llm.model_path, llm.engine.config.dtype
+    del llm  # give back the KV cache before transformers loads its own copy of the model
+    gc.collect()
+    print(throughput_line(results[0]))
+    if args.baseline == "transformers":
+        results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
+    base = next((r["output_tokens_per_s"] for r in results if r["engine"] == "transformers"), None)
+    for r in results:
+        r["vs_transformers"] = r["output_tokens_per_s"] / base if base else None
+    machine = machine_info(loadavg_before)
+    print(f"\n{comparison_table(results)}\n\n{machine_line(machine)}")
+
+    report = {
+        "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
+        "model": str(model_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "workload": workload_stats(requests, input_len, output_len, args.seed, len(warmup)),
+        "results": results,
+        "ratio": results[0]["vs_transformers"],
+        "machine": machine,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return report
+
+
+def workload_stats(requests: list[Request], input_len: tuple[int, int], output_len: tuple[int, int],
+                   seed: int, warmup_requests: int) -> dict:
+    return {"num_requests": len(requests), "input_len": list(input_len), "output_len": list(output_len),
+            "seed": seed, "prompt_tokens": prompt_tokens(requests), "output_tokens": output_tokens(requests),
+            "warmup_requests": warmup_requests}
+
+
+def run_baseline(model_path: Path, requests: list[Request], dtype: torch.dtype,
+                 batch_sizes: tuple[int, ...]) -> dict:
+    from sidp.bench.hf_baseline import best_transformers
+
+    logger.info("probing transformers batch sizes %s, then running the full workload", list(batch_sizes))
+    hf = {"engine": "transformers", "label": "transformers", **best_transformers(model_path, requests, dtype,
+                                                                                  batch_sizes)}
+    print(f"transformers (batch size {hf['batch_size']}): {throughput_line(hf)}")
+    probed = ", ".join(f"{p['batch_size']}: {p['total_tokens_per_s']:.1f}" for p in hf["probe"])
+    print(f"  batch size probe on a shrunk workload, total tokens/s ({hf['probe_s']:.1f} s): {probed}")
+    return hf
+
+
+def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) -> dict:
+    """Warm up, then time one `generate` over the whole workload (steps and preemptions count only that)."""
+    from sidp.sampling_params import SamplingParams
+
+    def generate(reqs: list[Request]) -> list:
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+        params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    if warmup:
+        logger.info("warming up with %d requests", len(warmup))
+        generate(warmup)
+    engine = llm.engine
+    steps, preemptions = engine.num_steps, engine.scheduler.num_preemptions
+    logger.info("timing %d requests", len(requests))
+    started = time.perf_counter()
+    outputs = generate(requests)
+    elapsed = time.perf_counter() - started
+    for i, (r, o) in enumerate(zip(requests, outputs, strict=True)):
+        got = len(o.outputs[0].token_ids)
+        if got != r.output_len:
+            raise SidpError(f"sidp returned {got} tokens for request {i}, which asked for {r.output_len}; "
+                            "throughput counted from the request would be wrong.")
+    return {
+        "engine": "sidp", "label": label, **rates(requests, elapsed),
+        "max_num_seqs": engine.config.max_num_seqs,
+        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "prefix_caching": engine.config.enable_prefix_caching,
+        "max_model_len": engine.config.max_model_len,
+        "kv_cache_tokens": engine.plan.kv_tokens,
+        "num_steps": engine.num_steps - steps,
+        "num_preemptions": engine.scheduler.num_preemptions - preemptions,
+    }
+
+
+def comparison_table(results: list[dict]) -> str:
+    head = (f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13} "
+            f"{'vs HF':>7}")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        # sidp batches continuously, so its batch size is a ceiling, not a fixed shape.
+        batch = f"<={r['max_num_seqs']}" if r["engine"] == "sidp" else str(r["batch_size"])
+        ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] is not None else "-"
+        rows.append(f"{r['label']:<14} {batch:>12} {r['requests_per_s']:>8.2f} "
+                    f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f} {ratio:>7}")
+    return "\n".join(rows)
+
+
+def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
+    import transformers
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        # Other work on the same cores skews the numbers; the load average lets a reader see it happened.
+        "loadavg_before": list(loadavg_before),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def machine_line(m: dict) -> str:
+    return (f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+            f"torch {m['torch']}; "
+            f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_range(text: str, option: str) -> tuple[int, int]:
+    """"100:400" → (100, 400); "200" → (200, 200)."""
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not 1 <= low <= high:
+        raise SidpError(f"{option} {text!r} should be LOW:HIGH with 1 <= LOW <= HIGH, or a single number.")
+    return low, high
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise SidpError(f"--hf-batch-sizes {text!r} should be positive integers with commas, like 8,16,32.")
+    return sizes
+
+
+def _check_fits(requests: list[Request], max_model_len: int) -> None:
+    longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    if longest > max_model_len:
+        raise SidpError(f"The longest request needs {longest} tokens but max_model_len is {max_model_len}; "
+                        "shorten --input-len/--output-len or raise --memory-per-replica.")
+
+
+def _prepare_out(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise SidpError(f"Cannot write --out {path}: {error.strerror}.") from None

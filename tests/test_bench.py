@@ -1,0 +1,94 @@
+"""`sidp bench`: a reproducible workload, honest token counts in the transformers baseline, and a full run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from helpers import hf_greedy
+
+from sidp.bench import hf_baseline, throughput
+from sidp.bench.workload import Request, random_workload
+from sidp.errors import SidpError
+
+SPECIAL = (0, 1, 2)
+
+
+def test_workload_is_reproducible_and_in_range():
+    a = random_workload(50, (3, 9), (2, 5), vocab_size=40, seed=3, avoid_ids=SPECIAL)
+    b = random_workload(50, (3, 9), (2, 5), vocab_size=40, seed=3, avoid_ids=SPECIAL)
+    assert a == b
+    assert {len(r.prompt_token_ids) for r in a} == set(range(3, 10))  # both ends of the range are reached
+    assert {r.output_len for r in a} == set(range(2, 6))
+    ids = {t for r in a for t in r.prompt_token_ids}
+    assert ids == set(range(3, 40))  # every id but the special ones, none outside the vocabulary
+
+
+def test_workload_ignores_global_random_state_and_depends_on_seed():
+    torch.manual_seed(123)
+    a = random_workload(8, vocab_size=1000, seed=0)
+    torch.manual_seed(456)
+    assert random_workload(8, vocab_size=1000, seed=0) == a
+    assert random_workload(8, vocab_size=1000, seed=1) != a
+
+
+def test_workload_rejects_bad_ranges():
+    with pytest.raises(SidpError):
+        random_workload(4, (10, 5), vocab_size=100)
+    with pytest.raises(SidpError):
+        random_workload(4, vocab_size=3, avoid_ids=SPECIAL)
+
+
+def test_padded_batch_matches_unpadded_greedy(tiny_model):
+    path = tiny_model("llama")
+    batch = random_workload(3, (4, 20), (5, 5), vocab_size=256, seed=2, avoid_ids=SPECIAL)
+    model = hf_baseline.load_model(path, torch.float32)
+    got = hf_baseline.generate_batch(model, batch).tolist()
+    assert got == hf_greedy(path, [r.prompt_token_ids for r in batch], 5)
+
+
+def test_run_transformers_counts_requested_tokens(tiny_model):
+    requests = [Request([5, 6, 7], 4), Request([8] * 10, 9), Request([9] * 6, 2)]
+    result = hf_baseline.run_transformers(tiny_model("llama"), requests, torch.float32, batch_size=2)
+    elapsed = result["elapsed_s"]
+    assert result["requests_per_s"] == pytest.approx(3 / elapsed)
+    assert result["output_tokens_per_s"] == pytest.approx(15 / elapsed)
+    assert result["total_tokens_per_s"] == pytest.approx((19 + 15) / elapsed)
+    # Batches of 2 then 1: the first pads both rows to 9 new tokens; only 4 + 9 + 2 count as output.
+    assert result["generated_tokens"] == 2 * 9 + 2
+
+
+@pytest.mark.parametrize("text, want", [("100:400", (100, 400)), ("7", (7, 7))])
+def test_parse_range(text, want):
+    assert throughput.parse_range(text, "--input-len") == want
+
+
+@pytest.mark.parametrize("text", ["5:2", "0:3", "a:b", "1:2:3"])
+def test_parse_range_rejects(text):
+    with pytest.raises(SidpError):
+        throughput.parse_range(text, "--input-len")
+
+
+def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    out = tmp_path / "results" / "bench.json"
+    args = parser.parse_args([
+        "--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "6",
+        "--input-len", "4:16", "--output-len", "2:8", "--hf-batch-sizes", "2,4",
+        "--memory-per-replica", "64MiB", "--warmup", "1", "--out", str(out)])
+    report = throughput.run(args)
+    assert json.loads(out.read_text()) == report
+    sidp, hf = report["results"]
+    assert (sidp["engine"], hf["engine"]) == ("sidp", "transformers")
+    assert [p["batch_size"] for p in hf["probe"]] == [2, 4] and hf["batch_size"] in (2, 4)
+    assert report["ratio"] > 0 and report["ratio"] == sidp["vs_transformers"]
+    workload = report["workload"]
+    assert sidp["output_tokens_per_s"] * sidp["elapsed_s"] == pytest.approx(workload["output_tokens"])
+    assert hf["output_tokens_per_s"] * hf["elapsed_s"] == pytest.approx(workload["output_tokens"])
+    assert sidp["num_steps"] > 0 and sidp["kv_cache_tokens"] > 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Throughput: ") and lines[0].endswith(" output tokens/s")
+    assert lines[1].startswith("transformers (batch size ")
