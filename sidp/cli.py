@@ -30,14 +30,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidp", description="Offline LLM inference with a shared weight pool.")
+    parser = argparse.ArgumentParser(
+        prog="sidp", description="Offline LLM inference with a shared weight pool."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run prompts through a model (default: the embedded job)")
     add_engine_arguments(gen)
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); chat-templated when the model has one")
+    gen.add_argument(
+        "--prompt", action="append", help="a prompt (repeatable); chat-templated when the model has one"
+    )
     gen.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
-    gen.add_argument("--input", type=Path, help="JSONL: one {id, prompt | messages, sampling fields} per line")
+    gen.add_argument(
+        "--input", type=Path, help="JSONL: one {id, prompt | messages, sampling fields} per line"
+    )
     gen.add_argument("--output", type=Path, help="write results as JSONL here instead of printing them")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -61,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", help="checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -73,9 +81,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def make_llm(args: argparse.Namespace):
     from sidp.llm import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               memory_per_replica=args.memory_per_replica, enable_prefix_caching=not args.no_prefix_caching)
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        memory_per_replica=args.memory_per_replica,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -85,8 +99,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.output is not None:
         _check_writable(args.output)
     llm = make_llm(args)
-    defaults = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                    max_tokens=args.max_tokens)
+    defaults = dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
     params = [SamplingParams(**{**defaults, **{k: r[k] for k in SAMPLING_FIELDS if k in r}}) for r in records]
     chat = [i for i, r in enumerate(records) if "messages" in r]
     plain = [i for i, r in enumerate(records) if "messages" not in r]
@@ -106,8 +125,10 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
         raise SidpError("Give --prompt or --input, not both.")
     if args.prompt:
         key = "prompt" if args.raw else "messages"
-        return [{"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}
-                for i, p in enumerate(args.prompt)]
+        return [
+            {"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}
+            for i, p in enumerate(args.prompt)
+        ]
     if args.input is None:
         text = resources.files("sidp").joinpath("data/prompts.jsonl").read_text()
         return parse_jsonl(text.splitlines(), "the embedded prompts")
@@ -128,7 +149,7 @@ def parse_jsonl(lines: list[str], source: str) -> list[dict]:
         except json.JSONDecodeError as error:
             raise SidpError(f"{source} line {number} is not valid JSON: {error.msg}.") from None
         if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
-            raise SidpError(f"{source} line {number} needs exactly one of \"prompt\" or \"messages\".")
+            raise SidpError(f'{source} line {number} needs exactly one of "prompt" or "messages".')
         record.setdefault("id", f"line-{number}")
         records.append(record)
     if not records:
@@ -137,9 +158,16 @@ def parse_jsonl(lines: list[str], source: str) -> list[dict]:
 
 
 def write_results(records: list[dict], outputs: list, path: Path | None) -> None:
-    rows = [{"id": r["id"], "text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-             "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(o.outputs[0].token_ids)}
-            for r, o in zip(records, outputs, strict=True)]
+    rows = [
+        {
+            "id": r["id"],
+            "text": o.outputs[0].text,
+            "finish_reason": o.outputs[0].finish_reason,
+            "prompt_tokens": len(o.prompt_token_ids),
+            "completion_tokens": len(o.outputs[0].token_ids),
+        }
+        for r, o in zip(records, outputs, strict=True)
+    ]
     if path is not None:
         with path.open("w", encoding="utf-8") as f:
             for row in rows:
@@ -175,9 +203,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     total = sum(parts.values())
     print(f"model            {args.model}")
     print(f"architecture     {spec.family} ({', '.join(config.get('architectures') or [])})")
-    print(f"layers           {spec.num_layers}, hidden {spec.hidden_size}, intermediate {spec.intermediate_size}")
+    print(f"layers           {spec.num_layers}, hidden {spec.hidden_size}, ffn {spec.intermediate_size}")
     print(f"attention        {spec.num_heads} heads, {spec.num_kv_heads} KV heads, head_dim {spec.head_dim}")
-    print(f"vocabulary       {spec.vocab_size} ({'tied' if spec.tie_word_embeddings else 'untied'} embeddings)")
+    print(
+        f"vocabulary       {spec.vocab_size} ({'tied' if spec.tie_word_embeddings else 'untied'} embeddings)"
+    )
     print(f"context          {spec.max_position_embeddings} positions, rope theta {spec.rope_theta:g}")
     print(f"parameters       {total // dtype.itemsize:,}")
     print(f"bytes ({str(dtype).removeprefix('torch.')}):")

@@ -50,11 +50,22 @@ class LLM:
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
         torch_dtype = resolve_dtype(dtype, hf_config)
-        budget = parse_bytes(memory_per_replica) if memory_per_replica is not None else default_memory_per_replica()
+        budget = (
+            parse_bytes(memory_per_replica)
+            if memory_per_replica is not None
+            else default_memory_per_replica()
+        )
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
-        plan = plan_memory(self.spec, torch_dtype.itemsize, budget, block_size, max_num_batched_tokens,
-                           max_num_seqs, scratch_bytes(torch_dtype))
+        plan = plan_memory(
+            self.spec,
+            torch_dtype.itemsize,
+            budget,
+            block_size,
+            max_num_batched_tokens,
+            max_num_seqs,
+            scratch_bytes(torch_dtype),
+        )
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
             model=self.model_path,
@@ -74,10 +85,14 @@ class LLM:
         limit = self.spec.max_position_embeddings
         if requested is None:
             if kv_tokens < limit:
-                logger.info("max_model_len lowered from %d to %d: that is all the KV cache holds.", limit, kv_tokens)
+                logger.info(
+                    "max_model_len lowered from %d to %d: that is all the KV cache holds.", limit, kv_tokens
+                )
             return min(limit, kv_tokens)
         if requested > limit:
-            raise SidpError(f"max_model_len={requested} exceeds the model's max_position_embeddings ({limit}).")
+            raise SidpError(
+                f"max_model_len={requested} exceeds the model's max_position_embeddings ({limit})."
+            )
         if requested > kv_tokens:
             raise SidpError(
                 f"max_model_len={requested} is more than the KV cache holds ({kv_tokens} tokens): "
@@ -101,7 +116,9 @@ class LLM:
     ) -> list[RequestOutput]:
         items = [prompts] if _is_single_prompt(prompts) else list(prompts)
         token_lists = [self._tokenize(p, i) for i, p in enumerate(items)]
-        texts = [p if isinstance(p, str) else (p.get("prompt") if isinstance(p, dict) else None) for p in items]
+        texts = [
+            p if isinstance(p, str) else (p.get("prompt") if isinstance(p, dict) else None) for p in items
+        ]
         return self._run(texts, token_lists, self._per_request(sampling_params, len(items)), use_tqdm)
 
     def chat(
@@ -118,7 +135,9 @@ class LLM:
             self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
             for c in conversations
         ]
-        token_lists = [self._check(self.tokenizer.encode(t, add_special_tokens=False), i) for i, t in enumerate(texts)]
+        token_lists = [
+            self._check(self.tokenizer.encode(t, add_special_tokens=False), i) for i, t in enumerate(texts)
+        ]
         return self._run(texts, token_lists, self._per_request(sampling_params, len(texts)), use_tqdm)
 
     # --- internals ---------------------------------------------------------------------------------
@@ -133,7 +152,9 @@ class LLM:
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
-            raise SidpError(f"Prompt {index} is neither text nor a list of token ids: {type(prompt).__name__}.")
+            raise SidpError(
+                f"Prompt {index} is neither text nor a list of token ids: {type(prompt).__name__}."
+            )
         return self._check(ids, index)
 
     def _check(self, ids: list[int], index: int) -> list[int]:
@@ -145,7 +166,9 @@ class LLM:
                 "shorter to leave room for at least one output token."
             )
         if not all(0 <= t < self.spec.vocab_size for t in ids):
-            raise SidpError(f"Prompt {index} holds a token id outside the vocabulary (0..{self.spec.vocab_size - 1}).")
+            raise SidpError(
+                f"Prompt {index} holds a token id outside the vocabulary (0..{self.spec.vocab_size - 1})."
+            )
         return ids
 
     @staticmethod
@@ -156,7 +179,9 @@ class LLM:
             return [params] * count
         params = list(params)
         if len(params) != count:
-            raise SidpError(f"Got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt.")
+            raise SidpError(
+                f"Got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt."
+            )
         return params
 
     def _run(self, texts, token_lists, params, use_tqdm: bool) -> list[RequestOutput]:
@@ -168,18 +193,31 @@ class LLM:
                 tokens_in += seq.num_prompt_tokens
                 tokens_out += len(seq.output_token_ids)
                 elapsed = time.perf_counter() - started
-                bar.set_postfix_str(f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
-                                    f"output: {tokens_out / elapsed:.2f} toks/s", refresh=False)
+                bar.set_postfix_str(
+                    f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                    f"output: {tokens_out / elapsed:.2f} toks/s",
+                    refresh=False,
+                )
                 bar.update(1)
         bar.close()
         return [self._output(seq, text) for seq, text in zip(seqs, texts, strict=True)]
 
     def _output(self, seq, prompt_text: str | None) -> RequestOutput:
         out_ids = seq.output_token_ids
-        completion = CompletionOutput(0, self.tokenizer.decode(out_ids, skip_special_tokens=True), out_ids,
-                                      seq.finish_reason, seq.stop_reason)
-        return RequestOutput(str(seq.seq_id), prompt_text, seq.token_ids[: seq.num_prompt_tokens], [completion],
-                             num_cached_tokens=seq.num_cached_prompt_tokens)
+        completion = CompletionOutput(
+            0,
+            self.tokenizer.decode(out_ids, skip_special_tokens=True),
+            out_ids,
+            seq.finish_reason,
+            seq.stop_reason,
+        )
+        return RequestOutput(
+            str(seq.seq_id),
+            prompt_text,
+            seq.token_ids[: seq.num_prompt_tokens],
+            [completion],
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+        )
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -14,8 +14,18 @@ from dataclasses import dataclass
 from sidp.errors import SidpError
 from sidp.model.spec import ModelSpec
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -25,7 +35,9 @@ def parse_bytes(value: int | float | str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
     unit = match.group(2).upper() if match else None
     if unit not in _UNITS:
-        raise SidpError(f"Cannot read the memory size {value!r}: write bytes or a number with a unit, like 600MiB or 2GB.")
+        raise SidpError(
+            f"Cannot read the memory size {value!r}: write bytes or a number with a unit, like 600MiB or 2GB."
+        )
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -47,8 +59,11 @@ def layer_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
     attn = (spec.q_size + 2 * spec.kv_size) * h + spec.q_size * h
     attn += (spec.q_size + 2 * spec.kv_size) if spec.attention_bias else 0
     attn += 2 * spec.head_dim if spec.qk_norm else 0
-    return {"attention": attn * dtype_bytes, "mlp": 3 * h * spec.intermediate_size * dtype_bytes,
-            "norms": 2 * h * dtype_bytes}
+    return {
+        "attention": attn * dtype_bytes,
+        "mlp": 3 * h * spec.intermediate_size * dtype_bytes,
+        "norms": 2 * h * dtype_bytes,
+    }
 
 
 def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
@@ -64,7 +79,9 @@ def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
     }
 
 
-def workspace_bytes(spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int, scratch: int = 0) -> int:
+def workspace_bytes(
+    spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int, scratch: int = 0
+) -> int:
     """Peak live activations of one layer for the largest step, float32 logits for every sequence,
     and the matmul scratch where the CPU multiplies through float32."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
@@ -95,19 +112,31 @@ class MemoryPlan:
 
     def report(self, max_model_len: int) -> str:
         rows = [(f"weights: {part}", n) for part, n in self.weights.items() if n]
-        rows += [("activation workspace", self.workspace), ("KV cache", self.kv_bytes),
-                 ("unused (less than a block)", self.budget - self.weight_total - self.workspace - self.kv_bytes),
-                 ("budget", self.budget)]
+        rows += [
+            ("activation workspace", self.workspace),
+            ("KV cache", self.kv_bytes),
+            ("unused (less than a block)", self.budget - self.weight_total - self.workspace - self.kv_bytes),
+            ("budget", self.budget),
+        ]
         width = max(len(name) for name, _ in rows)
         table = "\n".join(f"  {name:<{width}}  {format_bytes(n):>12}" for name, n in rows)
-        return (f"KV cache size: {self.kv_tokens:,} tokens\n"
-                f"Maximum concurrency for {max_model_len:,} tokens per request: "
-                f"{self.kv_tokens / max_model_len:.2f}x\n"
-                f"Memory per replica:\n{table}")
+        return (
+            f"KV cache size: {self.kv_tokens:,} tokens\n"
+            f"Maximum concurrency for {max_model_len:,} tokens per request: "
+            f"{self.kv_tokens / max_model_len:.2f}x\n"
+            f"Memory per replica:\n{table}"
+        )
 
 
-def plan_memory(spec: ModelSpec, dtype_bytes: int, budget: int, block_size: int,
-                max_num_batched_tokens: int, max_num_seqs: int, scratch: int = 0) -> MemoryPlan:
+def plan_memory(
+    spec: ModelSpec,
+    dtype_bytes: int,
+    budget: int,
+    block_size: int,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    scratch: int = 0,
+) -> MemoryPlan:
     weights = weight_bytes(spec, dtype_bytes)
     workspace = workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs, scratch)
     block_bytes = spec.kv_bytes_per_token(dtype_bytes) * block_size

@@ -22,7 +22,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.n != 1:
-            raise SidpError(f"SamplingParams(n={self.n}) is not supported yet: sidp returns one completion (n=1).")
+            raise SidpError(
+                f"SamplingParams(n={self.n}) is not supported yet: sidp returns one completion (n=1)."
+            )
         if self.temperature < 0:
             raise SidpError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:

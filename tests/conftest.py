@@ -16,17 +16,33 @@ CHAT_TEMPLATE = (
 )
 
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.1,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 
 FAMILIES = {
     # Llama carries Llama-3.1's rope scaling so that path is checked against transformers too.
     "llama": lambda tied: LlamaConfig(
-        **COMMON, tie_word_embeddings=tied, rope_theta=10000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64},
+        **COMMON,
+        tie_word_embeddings=tied,
+        rope_theta=10000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "qwen2": lambda tied: Qwen2Config(**COMMON, tie_word_embeddings=tied, rope_theta=1000000.0),
     "qwen3": lambda tied: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=tied, rope_theta=1000000.0),
@@ -42,8 +58,13 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_model(path: Path, family: str, tied: bool) -> Path:
@@ -62,8 +83,9 @@ def tiny_model(tmp_path_factory):
     def get(family: str, tied: bool = False) -> Path:
         key = (family, tied)
         if key not in built:
-            built[key] = build_tiny_model(tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}"),
-                                          family, tied)
+            built[key] = build_tiny_model(
+                tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}"), family, tied
+            )
         return built[key]
 
     return get

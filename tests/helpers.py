@@ -22,9 +22,10 @@ def _hf_model(path: Path):
 
 @functools.cache
 def _hf_greedy_one(path: Path, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
-    out = _hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=0)
-    return tuple(out[0, len(prompt):].tolist())
+    out = _hf_model(path).generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+    )
+    return tuple(out[0, len(prompt) :].tolist())
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -32,8 +33,14 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
     return [list(_hf_greedy_one(path, tuple(p), max_new_tokens)) for p in prompts]
 
 
-def budget_for_blocks(path: Path, num_blocks: int, block_size: int = 16, dtype_bytes: int = 4,
-                      max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> int:
+def budget_for_blocks(
+    path: Path,
+    num_blocks: int,
+    block_size: int = 16,
+    dtype_bytes: int = 4,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 256,
+) -> int:
     """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace."""
     spec = ModelSpec.from_hf_config(read_config(path))
     fixed = sum(weight_bytes(spec, dtype_bytes).values())

@@ -75,10 +75,28 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     throughput.add_arguments(parser)
     out = tmp_path / "results" / "bench.json"
-    args = parser.parse_args([
-        "--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "6",
-        "--input-len", "4:16", "--output-len", "2:8", "--hf-batch-sizes", "2,4",
-        "--memory-per-replica", "64MiB", "--warmup", "1", "--out", str(out)])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(tiny_model("llama")),
+            "--dtype",
+            "float32",
+            "--num-requests",
+            "6",
+            "--input-len",
+            "4:16",
+            "--output-len",
+            "2:8",
+            "--hf-batch-sizes",
+            "2,4",
+            "--memory-per-replica",
+            "64MiB",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     report = throughput.run(args)
     assert json.loads(out.read_text()) == report
     sidp, hf = report["results"]

@@ -84,12 +84,16 @@ def head_dim(cfg) -> int:
 
 def llamacpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """What llama.cpp's LlamaModel converter does to q/k rows (HF rotate-half halves → interleaved pairs)."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2) \
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
         .reshape(weights.shape)
+    )
 
 
-def write_gguf(model, file: Path, extra_tensors: dict[str, np.ndarray] | None = None,
-               arch: str | None = None) -> Path:
+def write_gguf(
+    model, file: Path, extra_tensors: dict[str, np.ndarray] | None = None, arch: str | None = None
+) -> Path:
     """The model as an F32 GGUF laid out like llama.cpp's convert_hf_to_gguf.py output."""
     cfg = model.config
     arch = arch or cfg.model_type
@@ -150,9 +154,21 @@ def test_gguf_equals_transformers(tiny_model, tmp_path, family, tied):
     assert_same_tensors(open_checkpoint(file), model)
     config = read_config(file)
     assert ModelSpec.from_hf_config(config) == ModelSpec.from_hf_config(model.config.to_dict())
-    for key in ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "architectures"]:
+    for key in [
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "architectures",
+    ]:
         assert config[key] == getattr(model.config, key), key
     assert config["head_dim"] == head_dim(model.config)
     assert config["rope_theta"] == model.config.rope_parameters["rope_theta"]
@@ -273,8 +289,9 @@ def test_default_model_config_and_tokenizer(default_folder):
     assert config["vocab_size"] == 49152 and config["tie_word_embeddings"] is True
     tokenizer = load_tokenizer(default_folder)
     assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -289,11 +306,14 @@ def test_default_model_gguf_tokenizer_has_chat_template():
 def test_default_model_answers_paris(default_folder):
     tokenizer = AutoTokenizer.from_pretrained(default_folder)
     model = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):

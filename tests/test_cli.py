@@ -22,7 +22,9 @@ def engine_args(model: str) -> list[str]:
 
 
 def test_generate_prompts(model, capsys):
-    assert main(["generate", *engine_args(model), "--prompt", "hi", "--prompt", "yo", "--max-tokens", "4"]) == 0
+    assert (
+        main(["generate", *engine_args(model), "--prompt", "hi", "--prompt", "yo", "--max-tokens", "4"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.index("### hi") < out.index("### yo")
 
@@ -35,8 +37,21 @@ def test_generate_jsonl_in_order_with_per_line_params(model, tmp_path):
     ]
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert main(["generate", *engine_args(model), "--input", str(source), "--output", str(target),
-                 "--max-tokens", "6"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                *engine_args(model),
+                "--input",
+                str(source),
+                "--output",
+                str(target),
+                "--max-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "line-3"]
     assert rows[0]["completion_tokens"] <= 3
@@ -63,7 +78,9 @@ def test_user_errors_print_one_line_without_traceback(tmp_path):
         ["info", str(tmp_path)],
     ]
     for argv in cases:
-        run = subprocess.run([sys.executable, "-m", "sidp.cli", *argv], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-m", "sidp.cli", *argv], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 2, run.stderr
         lines = [line for line in run.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("sidp: error:"), run.stderr

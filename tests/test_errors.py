@@ -15,7 +15,12 @@ def llm(tiny_model):
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
-    [("x" * 64, "max_model_len=64"), ("", "empty"), ([1, 2, 100000], "outside the vocabulary"), (3.5, "neither")],
+    [
+        ("x" * 64, "max_model_len=64"),
+        ("", "empty"),
+        ([1, 2, 100000], "outside the vocabulary"),
+        (3.5, "neither"),
+    ],
 )
 def test_bad_prompt_rejected_before_any_work(llm, prompt, message):
     steps = llm.engine.num_steps
@@ -32,8 +37,12 @@ def test_params_count_must_match(llm):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [(dict(n=2), "n=2"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-     (dict(max_tokens=0), "max_tokens")],
+    [
+        (dict(n=2), "n=2"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+    ],
 )
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(SidpError, match=message):
@@ -59,8 +68,10 @@ def test_missing_model_and_bad_dtype(tiny_model, tmp_path):
         LLM(tiny_model("llama"), dtype="int8", memory_per_replica="64MiB")
 
 
-@pytest.mark.parametrize(("text", "value"), [("600MiB", 600 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29),
-                                             ("4096", 4096), (123, 123)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("600MiB", 600 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("4096", 4096), (123, 123)],
+)
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 

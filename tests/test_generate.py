@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import budget_for_blocks, hf_greedy, random_prompts
+
 from sidp import LLM, SamplingParams
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -41,8 +41,14 @@ def test_preemption_equals_transformers(tiny_model, family, prefix_caching):
     prompts = random_prompts(LENGTHS)
     # 10 blocks of 16 tokens cannot hold all six sequences (they need 15 blocks at their longest).
     budget = budget_for_blocks(path, 10, max_num_batched_tokens=64)
-    llm = LLM(path, dtype="float32", memory_per_replica=budget, max_num_batched_tokens=64, max_model_len=128,
-              enable_prefix_caching=prefix_caching)
+    llm = LLM(
+        path,
+        dtype="float32",
+        memory_per_replica=budget,
+        max_num_batched_tokens=64,
+        max_model_len=128,
+        enable_prefix_caching=prefix_caching,
+    )
     assert llm.engine.plan.num_blocks == 10
     assert generate_ids(llm, prompts) == hf_greedy(path, prompts, 12)
     assert llm.engine.scheduler.num_preemptions > 0

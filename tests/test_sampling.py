@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import random_prompts
+
 from sidp import LLM, SamplingParams
 
 
@@ -23,7 +23,9 @@ def test_seed_reproducible_across_batch_mixes(llm):
     seeded = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
     noise = SamplingParams(temperature=1.0, max_tokens=25, ignore_eos=True)
     alone = ids(llm.generate([target], seeded, use_tqdm=False))[0]
-    mixed = llm.generate([others[0], target, *others[1:]], [noise, seeded, noise, noise, noise], use_tqdm=False)
+    mixed = llm.generate(
+        [others[0], target, *others[1:]], [noise, seeded, noise, noise, noise], use_tqdm=False
+    )
     reversed_mix = llm.generate([*others[::-1], target], [noise] * 4 + [seeded], use_tqdm=False)
     assert ids(mixed)[1] == alone
     assert ids(reversed_mix)[-1] == alone
@@ -31,11 +33,25 @@ def test_seed_reproducible_across_batch_mixes(llm):
 
 def test_different_seeds_differ_and_sampling_is_not_greedy(llm):
     prompt = random_prompts([10], seed=5)[0]
-    draws = {tuple(ids(llm.generate([prompt], SamplingParams(temperature=1.5, seed=s, max_tokens=16,
-                                                                ignore_eos=True), use_tqdm=False))[0])
-             for s in range(4)}
-    greedy = tuple(ids(llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                                    use_tqdm=False))[0])
+    draws = {
+        tuple(
+            ids(
+                llm.generate(
+                    [prompt],
+                    SamplingParams(temperature=1.5, seed=s, max_tokens=16, ignore_eos=True),
+                    use_tqdm=False,
+                )
+            )[0]
+        )
+        for s in range(4)
+    }
+    greedy = tuple(
+        ids(
+            llm.generate(
+                [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+            )
+        )[0]
+    )
     assert len(draws) > 1
     assert greedy not in draws
 
@@ -43,33 +59,38 @@ def test_different_seeds_differ_and_sampling_is_not_greedy(llm):
 def test_top_k_one_is_greedy(llm):
     prompts = random_prompts([9, 31], seed=6)
     greedy = ids(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False))
-    top1 = ids(llm.generate(prompts, SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=10),
-                            use_tqdm=False))
+    top1 = ids(
+        llm.generate(prompts, SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=10), use_tqdm=False)
+    )
     assert top1 == greedy
 
 
 def test_stop_token_ends_request(llm):
     prompt = random_prompts([12], seed=9)[0]
-    full = ids(llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-                            use_tqdm=False))[0]
+    full = ids(
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    )[0]
     stop = full[6]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]), use_tqdm=False
+    )[0].outputs[0]
     assert out.token_ids == full[: full.index(stop) + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
 def test_eos_stops_unless_ignored(llm):
     prompt = random_prompts([12], seed=9)[0]
-    full = ids(llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-                            use_tqdm=False))[0]
+    full = ids(
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    )[0]
     eos = full[4]
     saved = llm.engine.config.eos_token_ids
     llm.engine.config.eos_token_ids = (eos,)
     try:
         stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
-        ignored = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-                               use_tqdm=False)[0]
+        ignored = llm.generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+        )[0]
     finally:
         llm.engine.config.eos_token_ids = saved
     assert stopped.outputs[0].token_ids == full[: full.index(eos) + 1]
@@ -80,17 +101,20 @@ def test_eos_stops_unless_ignored(llm):
 def test_length_limits(tiny_model):
     llm = LLM(tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", max_model_len=40)
     prompt = random_prompts([30], seed=2)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
-    short = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-                         use_tqdm=False)[0].outputs[0]
+    short = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert short.token_ids == out.token_ids[:3] and short.finish_reason == "length"
 
 
 def test_outputs_in_input_order_with_text(llm):
-    outputs = llm.generate(["abc", "hello there", [5, 6, 7]], SamplingParams(temperature=0, max_tokens=4),
-                           use_tqdm=False)
+    outputs = llm.generate(
+        ["abc", "hello there", [5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
+    )
     assert [o.prompt for o in outputs] == ["abc", "hello there", None]
     assert outputs[2].prompt_token_ids == [5, 6, 7]
     assert outputs[0].prompt_token_ids == llm.tokenizer.encode("abc")

@@ -42,15 +42,22 @@ def generate_batch(model, batch: Sequence[Request]) -> torch.Tensor:
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, r in enumerate(batch):
         # Left padding keeps every prompt's last token in the final column, where decoding continues.
-        input_ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
-        attention_mask[row, width - len(r.prompt_token_ids):] = 1
+        input_ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+        attention_mask[row, width - len(r.prompt_token_ids) :] = 1
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
     generated = out[:, width:]
     if generated.shape[1] != new_tokens:
-        raise SidpError(f"transformers generated {generated.shape[1]} tokens where {new_tokens} were asked; "
-                        "the baseline's numbers would not be comparable.")
+        raise SidpError(
+            f"transformers generated {generated.shape[1]} tokens where {new_tokens} were asked; "
+            "the baseline's numbers would not be comparable."
+        )
     return generated
 
 
@@ -61,21 +68,26 @@ def timed_run(model, requests: Sequence[Request], batch_size: int) -> dict:
     computed = 0
     started = time.perf_counter()
     for i in range(0, len(requests), batch_size):
-        batch = requests[i:i + batch_size]
+        batch = requests[i : i + batch_size]
         computed += generate_batch(model, batch).numel()
     elapsed = time.perf_counter() - started
     # generated_tokens: what the batches actually decoded, padding rows included, to show the waste.
     return {"batch_size": batch_size, **rates(requests, elapsed), "generated_tokens": computed}
 
 
-def run_transformers(model_path: str | Path, requests: Sequence[Request], dtype: torch.dtype,
-                     batch_size: int) -> dict:
+def run_transformers(
+    model_path: str | Path, requests: Sequence[Request], dtype: torch.dtype, batch_size: int
+) -> dict:
     """Load the model with transformers and time the workload in padded batches of batch_size."""
     return timed_run(load_model(model_path, dtype), requests, batch_size)
 
 
-def best_transformers(model_path: str | Path, requests: Sequence[Request], dtype: torch.dtype,
-                      batch_sizes: Sequence[int] = (8, 16, 32, 64)) -> dict:
+def best_transformers(
+    model_path: str | Path,
+    requests: Sequence[Request],
+    dtype: torch.dtype,
+    batch_sizes: Sequence[int] = (8, 16, 32, 64),
+) -> dict:
     """Probe each batch size on its first batch, shrunk; then run the whole workload at the fastest.
 
     The probe also warms transformers up, as sidp's warmup requests do for sidp.
@@ -92,5 +104,10 @@ def best_transformers(model_path: str | Path, requests: Sequence[Request], dtype
 
 
 def shrink(requests: Sequence[Request]) -> list[Request]:
-    return [Request(r.prompt_token_ids[:max(1, len(r.prompt_token_ids) // PROBE_SHRINK)],
-                    min(PROBE_OUTPUT_LEN, max(1, r.output_len // PROBE_SHRINK))) for r in requests]
+    return [
+        Request(
+            r.prompt_token_ids[: max(1, len(r.prompt_token_ids) // PROBE_SHRINK)],
+            min(PROBE_OUTPUT_LEN, max(1, r.output_len // PROBE_SHRINK)),
+        )
+        for r in requests
+    ]

@@ -40,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--baseline", choices=("transformers", "none"), default="transformers")
-    parser.add_argument("--hf-batch-sizes", default="8,16,32,64",
-                        help="transformers batch sizes to probe; the fastest runs the full workload")
+    parser.add_argument(
+        "--hf-batch-sizes",
+        default="8,16,32,64",
+        help="transformers batch sizes to probe; the fastest runs the full workload",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"), help="JSON report")
     parser.add_argument("--warmup", type=int, default=4, help="requests run through sidp before timing")
 
@@ -57,17 +60,38 @@ def run(args: argparse.Namespace) -> dict:
 
     from sidp.llm import LLM
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, memory_per_replica=args.memory_per_replica,
-              enable_prefix_caching=not args.no_prefix_caching)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        memory_per_replica=args.memory_per_replica,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
     avoid = set(llm.tokenizer.all_special_ids) | set(llm.spec.eos_token_ids)
-    requests = random_workload(args.num_requests, input_len, output_len, vocab_size=llm.spec.vocab_size,
-                               seed=args.seed, avoid_ids=avoid)
+    requests = random_workload(
+        args.num_requests,
+        input_len,
+        output_len,
+        vocab_size=llm.spec.vocab_size,
+        seed=args.seed,
+        avoid_ids=avoid,
+    )
     _check_fits(requests, llm.max_model_len)
     # Another seed, so the timed prompts never hit blocks that warmup left in the prefix cache.
     warmup_output = (min(output_len[0], WARMUP_OUTPUT_LEN), min(output_len[1], WARMUP_OUTPUT_LEN))
-    warmup = random_workload(args.warmup, input_len, warmup_output, vocab_size=llm.spec.vocab_size,
-                             seed=args.seed + 1, avoid_ids=avoid) if args.warmup else []
+    warmup = (
+        random_workload(
+            args.warmup,
+            input_len,
+            warmup_output,
+            vocab_size=llm.spec.vocab_size,
+            seed=args.seed + 1,
+            avoid_ids=avoid,
+        )
+        if args.warmup
+        else []
+    )
 
     results = [run_sidp(llm, requests, warmup, label="sidp")]
     model_path, dtype = llm.model_path, llm.engine.config.dtype
@@ -98,20 +122,35 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def workload_stats(requests: list[Request], input_len: tuple[int, int], output_len: tuple[int, int],
-                   seed: int, warmup_requests: int) -> dict:
-    return {"num_requests": len(requests), "input_len": list(input_len), "output_len": list(output_len),
-            "seed": seed, "prompt_tokens": prompt_tokens(requests), "output_tokens": output_tokens(requests),
-            "warmup_requests": warmup_requests}
+def workload_stats(
+    requests: list[Request],
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    seed: int,
+    warmup_requests: int,
+) -> dict:
+    return {
+        "num_requests": len(requests),
+        "input_len": list(input_len),
+        "output_len": list(output_len),
+        "seed": seed,
+        "prompt_tokens": prompt_tokens(requests),
+        "output_tokens": output_tokens(requests),
+        "warmup_requests": warmup_requests,
+    }
 
 
-def run_baseline(model_path: Path, requests: list[Request], dtype: torch.dtype,
-                 batch_sizes: tuple[int, ...]) -> dict:
+def run_baseline(
+    model_path: Path, requests: list[Request], dtype: torch.dtype, batch_sizes: tuple[int, ...]
+) -> dict:
     from sidp.bench.hf_baseline import best_transformers
 
     logger.info("probing transformers batch sizes %s, then running the full workload", list(batch_sizes))
-    hf = {"engine": "transformers", "label": "transformers", **best_transformers(model_path, requests, dtype,
-                                                                                  batch_sizes)}
+    hf = {
+        "engine": "transformers",
+        "label": "transformers",
+        **best_transformers(model_path, requests, dtype, batch_sizes),
+    }
     print(f"transformers (batch size {hf['batch_size']}): {throughput_line(hf)}")
     probed = ", ".join(f"{p['batch_size']}: {p['total_tokens_per_s']:.1f}" for p in hf["probe"])
     print(f"  batch size probe on a shrunk workload, total tokens/s ({hf['probe_s']:.1f} s): {probed}")
@@ -139,10 +178,14 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
     for i, (r, o) in enumerate(zip(requests, outputs, strict=True)):
         got = len(o.outputs[0].token_ids)
         if got != r.output_len:
-            raise SidpError(f"sidp returned {got} tokens for request {i}, which asked for {r.output_len}; "
-                            "throughput counted from the request would be wrong.")
+            raise SidpError(
+                f"sidp returned {got} tokens for request {i}, which asked for {r.output_len}; "
+                "throughput counted from the request would be wrong."
+            )
     return {
-        "engine": "sidp", "label": label, **rates(requests, elapsed),
+        "engine": "sidp",
+        "label": label,
+        **rates(requests, elapsed),
         "max_num_seqs": engine.config.max_num_seqs,
         "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "prefix_caching": engine.config.enable_prefix_caching,
@@ -154,15 +197,19 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
 
 
 def comparison_table(results: list[dict]) -> str:
-    head = (f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13} "
-            f"{'vs HF':>7}")
+    head = (
+        f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13} "
+        f"{'vs HF':>7}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
         # sidp batches continuously, so its batch size is a ceiling, not a fixed shape.
         batch = f"<={r['max_num_seqs']}" if r["engine"] == "sidp" else str(r["batch_size"])
         ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] is not None else "-"
-        rows.append(f"{r['label']:<14} {batch:>12} {r['requests_per_s']:>8.2f} "
-                    f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f} {ratio:>7}")
+        rows.append(
+            f"{r['label']:<14} {batch:>12} {r['requests_per_s']:>8.2f} "
+            f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f} {ratio:>7}"
+        )
     return "\n".join(rows)
 
 
@@ -184,9 +231,11 @@ def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
 
 
 def machine_line(m: dict) -> str:
-    return (f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-            f"torch {m['torch']}; "
-            f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after")
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"torch {m['torch']}; "
+        f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
+    )
 
 
 def _cpu_model() -> str:
@@ -201,7 +250,7 @@ def _cpu_model() -> str:
 
 
 def parse_range(text: str, option: str) -> tuple[int, int]:
-    """"100:400" → (100, 400); "200" → (200, 200)."""
+    """ "100:400" → (100, 400); "200" → (200, 200)."""
     parts = text.split(":")
     try:
         low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
@@ -225,8 +274,10 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 def _check_fits(requests: list[Request], max_model_len: int) -> None:
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     if longest > max_model_len:
-        raise SidpError(f"The longest request needs {longest} tokens but max_model_len is {max_model_len}; "
-                        "shorten --input-len/--output-len or raise --memory-per-replica.")
+        raise SidpError(
+            f"The longest request needs {longest} tokens but max_model_len is {max_model_len}; "
+            "shorten --input-len/--output-len or raise --memory-per-replica."
+        )
 
 
 def _prepare_out(path: Path) -> None:

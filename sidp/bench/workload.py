@@ -43,8 +43,10 @@ def random_workload(
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(input_len[0], input_len[1], size=num_requests, endpoint=True)
     output_lens = rng.integers(output_len[0], output_len[1], size=num_requests, endpoint=True)
-    return [Request(allowed[rng.integers(0, allowed.size, size=n)].tolist(), int(m))
-            for n, m in zip(prompt_lens, output_lens, strict=True)]
+    return [
+        Request(allowed[rng.integers(0, allowed.size, size=n)].tolist(), int(m))
+        for n, m in zip(prompt_lens, output_lens, strict=True)
+    ]
 
 
 def prompt_tokens(requests: Sequence[Request]) -> int:
@@ -68,5 +70,7 @@ def rates(requests: Sequence[Request], elapsed: float) -> dict:
 
 def throughput_line(result: dict) -> str:
     """The line vLLM's benchmark_throughput prints, in the same words, so results can be read side by side."""
-    return (f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} "
-            f"total tokens/s, {result['output_tokens_per_s']:.2f} output tokens/s")
+    return (
+        f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} "
+        f"total tokens/s, {result['output_tokens_per_s']:.2f} output tokens/s"
+    )

@@ -1,4 +1,4 @@
-"""Paged KV bookkeeping: a free list of fixed-size blocks, per-sequence block tables, and exact prefix caching.
+"""Paged KV bookkeeping: a free list of fixed-size blocks, per-sequence block tables, exact prefix caching.
 
 A full block is registered under a hash of (parent hash, its tokens). A hit is accepted only when the
 block's own tokens and its parent's identity (block id and generation) match too, so a hash collision

@@ -22,8 +22,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [KVCache(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
-                          for _ in range(spec.num_layers)]
+        self.kv_caches = [
+            KVCache(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+            for _ in range(spec.num_layers)
+        ]
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[int | None]:
@@ -54,13 +56,20 @@ class ModelRunner:
         starts = [s.num_computed_tokens for s in decode_seqs]
         ids = [s.token_ids[p] for s, p in zip(decode_seqs, starts, strict=True)]
         positions = [torch.tensor(starts, dtype=torch.int64)]
-        slots = [torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(decode_seqs, starts, strict=True)],
-                              dtype=torch.int64)]
-        sample_rows: list[int | None] = [row if s.num_tokens == p + 1 else None
-                                         for row, (s, p) in enumerate(zip(decode_seqs, starts, strict=True))]
+        slots = [
+            torch.tensor(
+                [s.block_table[p // bs] * bs + p % bs for s, p in zip(decode_seqs, starts, strict=True)],
+                dtype=torch.int64,
+            )
+        ]
+        sample_rows: list[int | None] = [
+            row if s.num_tokens == p + 1 else None
+            for row, (s, p) in enumerate(zip(decode_seqs, starts, strict=True))
+        ]
         width = max((len(s.block_table) for s in decode_seqs), default=0)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode_seqs],
-                              dtype=torch.int32).view(num_decode, width)
+        tables = torch.tensor(
+            [s.block_table + [0] * (width - len(s.block_table)) for s in decode_seqs], dtype=torch.int32
+        ).view(num_decode, width)
         prefills: list[PrefillChunk] = []
         row = num_decode
         for seq, n in zip(prefill_seqs, counts[num_decode:], strict=True):

@@ -43,8 +43,8 @@ class KVCache:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         kv_heads, head_dim = self.k.shape[-2:]
-        self.k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-        self.v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+        self.k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(self.v.dtype))
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv_heads, head_dim = self.k.shape[-2:]
@@ -54,18 +54,26 @@ class KVCache:
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
-    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] for this step's tokens → [tokens, heads, dim]."""
+    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] for this step's tokens → [tokens, heads, dim].
+
+    q/k/v come in the compute dtype, which may be wider than the cache's (see linear.py).
+    """
     cache.write(batch.slot_mapping, k, v)
     out = torch.empty_like(q)
     if batch.num_decode:
         out[: batch.num_decode] = paged_decode_attention(
-            q[: batch.num_decode], cache.k, cache.v, batch.decode_block_tables, batch.decode_context_lens, scale
+            q[: batch.num_decode].to(cache.k.dtype),
+            cache.k,
+            cache.v,
+            batch.decode_block_tables,
+            batch.decode_context_lens,
+            scale,
         )
     for chunk in batch.prefills:
         if chunk.context_slots is None:
             keys, values = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
         else:
-            keys, values = cache.gather(chunk.context_slots)
+            keys, values = (t.to(q.dtype) for t in cache.gather(chunk.context_slots))
         out[chunk.start : chunk.end] = F.scaled_dot_product_attention(
             q[chunk.start : chunk.end].transpose(0, 1),
             keys.transpose(0, 1),

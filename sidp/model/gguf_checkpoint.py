@@ -51,21 +51,28 @@ class GGUFCheckpoint:
         try:
             self._reader = GGUFReader(file)
         except Exception as error:  # GGUFReader raises ValueError, struct errors, OSError...
-            raise SidpError(f"Cannot read {file}: {error}. The file is corrupt or not a GGUF; "
-                            "download it again.") from None
+            raise SidpError(
+                f"Cannot read {file}: {error}. The file is corrupt or not a GGUF; download it again."
+            ) from None
         self.file = file
         self.arch = self._string("general.architecture")
         if self.arch not in ARCHITECTURES:
-            raise SidpError(f"GGUF architecture {self.arch!r} is not supported; sidp reads "
-                            f"{', '.join(ARCHITECTURES)} GGUFs.")
+            raise SidpError(
+                f"GGUF architecture {self.arch!r} is not supported; sidp reads "
+                f"{', '.join(ARCHITECTURES)} GGUFs."
+            )
         by_gguf_name = {t.name: t for t in self._reader.tensors}
         if "rope_freqs.weight" in by_gguf_name:
-            raise SidpError("This GGUF uses Llama-3 rope scaling (a rope_freqs tensor), which sidp does not "
-                            "read from GGUF yet; use the model's safetensors checkpoint.")
+            raise SidpError(
+                "This GGUF uses Llama-3 rope scaling (a rope_freqs tensor), which sidp does not "
+                "read from GGUF yet; use the model's safetensors checkpoint."
+            )
         scaling = self._field(f"{self.arch}.rope.scaling.type")
         if scaling not in (None, "none"):
-            raise SidpError(f"This GGUF uses {scaling!r} rope scaling, which sidp does not read from GGUF "
-                            "yet; use the model's safetensors checkpoint.")
+            raise SidpError(
+                f"This GGUF uses {scaling!r} rope scaling, which sidp does not read from GGUF "
+                "yet; use the model's safetensors checkpoint."
+            )
         self._tensors = {_hf_name(name): t for name, t in by_gguf_name.items()}
 
     def names(self) -> list[str]:
@@ -76,8 +83,9 @@ class GGUFCheckpoint:
 
         tensor = self._tensors.get(name)
         if tensor is None:
-            raise SidpError(f"Tensor {name!r} is not in {self.file.name}; is it a complete model of a "
-                            "supported family?")
+            raise SidpError(
+                f"Tensor {name!r} is not in {self.file.name}; is it a complete model of a supported family?"
+            )
         # GGUF lists dims innermost first (ne[0] = input features), so row-major HF order is the reverse.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         array = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
@@ -99,8 +107,10 @@ class GGUFCheckpoint:
         head_dim = self._int("attention.key_length", hidden // heads)
         rope_dim = self._int("rope.dimension_count", head_dim)
         if rope_dim != head_dim:
-            raise SidpError(f"This GGUF rotates {rope_dim} of {head_dim} head dimensions, which sidp does "
-                            "not support; use the model's safetensors checkpoint.")
+            raise SidpError(
+                f"This GGUF rotates {rope_dim} of {head_dim} head dimensions, which sidp does "
+                "not support; use the model's safetensors checkpoint."
+            )
         theta = _f32(self._field(f"{self.arch}.rope.freq_base", 10000.0))
         config = {
             "model_type": self.arch,
@@ -149,8 +159,9 @@ class GGUFCheckpoint:
     def _int(self, key: str, default: int | None = None) -> int:
         value = self._field(f"{self.arch}.{key}", default)
         if value is None:
-            raise SidpError(f"{self.file.name} lacks the GGUF metadata '{self.arch}.{key}'; "
-                            "is it a complete model file?")
+            raise SidpError(
+                f"{self.file.name} lacks the GGUF metadata '{self.arch}.{key}'; is it a complete model file?"
+            )
         return int(value)
 
 
@@ -174,8 +185,10 @@ def _hf_name(gguf_name: str) -> str:
     if match and match.group(2) in LAYER_NAMES:
         layer, part, kind = match.groups()
         return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
-    raise SidpError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart that sidp knows; "
-                    "use the model's safetensors checkpoint.")
+    raise SidpError(
+        f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart that sidp knows; "
+        "use the model's safetensors checkpoint."
+    )
 
 
 def _unpermute(array: np.ndarray, heads: int) -> np.ndarray:

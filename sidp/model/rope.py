@@ -31,7 +31,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryTable:
     """cos/sin for every position up to max_positions, computed once in float32 like transformers does."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int, dtype: torch.dtype):
+    def __init__(
+        self, head_dim: int, theta: float, scaling: dict | None, max_positions: int, dtype: torch.dtype
+    ):
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]

@@ -11,7 +11,9 @@ import torch
 from sidp.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     chosen = logits.argmax(dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if not p.greedy:

@@ -37,7 +37,7 @@ class ModelSpec:
         family = config.get("model_type", "")
         if family not in SUPPORTED_FAMILIES:
             raise SidpError(
-                f"Model type {family!r} is not supported; sidp runs {', '.join(SUPPORTED_FAMILIES)} checkpoints."
+                f"Model type {family!r} is not supported; sidp runs {', '.join(SUPPORTED_FAMILIES)} models."
             )
         try:
             hidden = int(config["hidden_size"])
@@ -63,7 +63,9 @@ class ModelSpec:
                 eos_token_ids=eos_ids,
             )
         except KeyError as missing:
-            raise SidpError(f"The model's config.json lacks {missing}; is it a complete Hugging Face config?") from None
+            raise SidpError(
+                f"The model's config.json lacks {missing}; is it a complete Hugging Face config?"
+            ) from None
 
     @property
     def q_size(self) -> int:
@@ -91,5 +93,7 @@ def _rope_scaling(config: dict) -> dict | None:
     if kind == "default":
         return None
     if kind != "llama3":
-        raise SidpError(f"RoPE scaling {kind!r} is not supported yet (sidp supports the default and 'llama3').")
+        raise SidpError(
+            f"RoPE scaling {kind!r} is not supported yet (sidp supports the default and 'llama3')."
+        )
     return dict(scaling)
