@@ -11,6 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
@@ -66,39 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-
-
-def make_llm(args: argparse.Namespace):
-    from sidp.llm import LLM
-
-    return LLM(
-        model=args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        memory_per_replica=args.memory_per_replica,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from sidp.sampling_params import SamplingParams
 
     records = read_requests(args)
     if args.output is not None:
         _check_writable(args.output)
-    llm = make_llm(args)
+    llm = llm_from_args(args)
     defaults = dict(
         temperature=args.temperature,
         top_p=args.top_p,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sidp.bench.workload import Request, output_tokens, prompt_tokens, random_workload, rates, throughput_line
+from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
 
 logger = logging.getLogger("sidp")
@@ -29,16 +30,11 @@ WARMUP_OUTPUT_LEN = 32  # warmup only has to pay one-time costs, not rehearse th
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint folder or .gguf (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--dtype", default="bfloat16", help="auto, float32, bfloat16 or float16")
+    add_engine_arguments(parser, dtype="bfloat16")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--input-len", default="100:400", help="prompt tokens, LOW:HIGH inclusive, or N")
     parser.add_argument("--output-len", default="64:256", help="output tokens, LOW:HIGH inclusive, or N")
     parser.add_argument("--seed", type=int, default=0, help="the workload depends on this alone")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
-    parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--baseline", choices=("transformers", "none"), default="transformers")
     parser.add_argument(
         "--hf-batch-sizes",
@@ -58,16 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     _prepare_out(args.out)  # fail before minutes of benchmarking, not after
     loadavg_before = os.getloadavg()
 
-    from sidp.llm import LLM
-
-    llm = LLM(
-        model=args.model,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        memory_per_replica=args.memory_per_replica,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
+    llm = llm_from_args(args)
     avoid = set(llm.tokenizer.all_special_ids) | set(llm.spec.eos_token_ids)
     requests = random_workload(
         args.num_requests,

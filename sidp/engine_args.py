@@ -1,0 +1,29 @@
+"""The engine's command-line options, shared by `sidp generate` and `sidp bench`, and the LLM they build."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    parser.add_argument("--model", help="checkpoint folder or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--dtype", default=dtype, help=f"auto, float32, bfloat16, float16 ({dtype})")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def llm_from_args(args: argparse.Namespace):
+    from sidp.llm import LLM
+
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        memory_per_replica=args.memory_per_replica,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
