@@ -7,6 +7,7 @@ nothing), hands token ids to the engine, and detokenizes the results back in inp
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -18,7 +19,6 @@ from sidp.engine.llm_engine import LLMEngine
 from sidp.errors import SidpError
 from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
-from sidp.model.linear import scratch_bytes
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
 from sidp.sampling_params import SamplingParams
@@ -58,13 +58,7 @@ class LLM:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
         plan = plan_memory(
-            self.spec,
-            torch_dtype.itemsize,
-            budget,
-            block_size,
-            max_num_batched_tokens,
-            max_num_seqs,
-            scratch_bytes(torch_dtype),
+            self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs
         )
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
@@ -78,7 +72,8 @@ class LLM:
             block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,
         )
-        logger.info("%s", plan.report(self.max_model_len))
+        for line in plan.report(self.max_model_len).splitlines():
+            logger.info("%s", line)
         self.engine = LLMEngine(config, self.spec, plan)
 
     def _resolve_max_model_len(self, requested: int | None, kv_tokens: int) -> int:
@@ -226,9 +221,21 @@ def _is_single_prompt(prompts) -> bool:
     return isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (notebooks and test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s sidp: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -11,7 +11,10 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+
 from sidp.errors import SidpError
+from sidp.model.linear import compute_dtype, scratch_bytes
 from sidp.model.spec import ModelSpec
 
 _UNITS = {
@@ -79,14 +82,12 @@ def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
     }
 
 
-def workspace_bytes(
-    spec: ModelSpec, dtype_bytes: int, max_tokens: int, max_seqs: int, scratch: int = 0
-) -> int:
-    """Peak live activations of one layer for the largest step, float32 logits for every sequence,
-    and the matmul scratch where the CPU multiplies through float32."""
+def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, max_tokens: int, max_seqs: int) -> int:
+    """Peak live activations of one layer for the largest step (in the compute dtype), float32 logits
+    for every sequence, and the matmul scratch where the CPU multiplies through float32."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * dtype_bytes + 2 * h * 4
-    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch
+    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * compute_dtype(dtype).itemsize + 2 * h * 4
+    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch_bytes(dtype)
 
 
 @dataclass(slots=True)
@@ -130,16 +131,15 @@ class MemoryPlan:
 
 def plan_memory(
     spec: ModelSpec,
-    dtype_bytes: int,
+    dtype: torch.dtype,
     budget: int,
     block_size: int,
     max_num_batched_tokens: int,
     max_num_seqs: int,
-    scratch: int = 0,
 ) -> MemoryPlan:
-    weights = weight_bytes(spec, dtype_bytes)
-    workspace = workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs, scratch)
-    block_bytes = spec.kv_bytes_per_token(dtype_bytes) * block_size
+    weights = weight_bytes(spec, dtype.itemsize)
+    workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
+    block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     free = budget - sum(weights.values()) - workspace
     if free < block_bytes:
         need = sum(weights.values()) + workspace + block_bytes

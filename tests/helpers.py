@@ -37,15 +37,15 @@ def budget_for_blocks(
     path: Path,
     num_blocks: int,
     block_size: int = 16,
-    dtype_bytes: int = 4,
+    dtype: torch.dtype = torch.float32,
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
 ) -> int:
     """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace."""
     spec = ModelSpec.from_hf_config(read_config(path))
-    fixed = sum(weight_bytes(spec, dtype_bytes).values())
-    fixed += workspace_bytes(spec, dtype_bytes, max_num_batched_tokens, max_num_seqs)
-    return fixed + num_blocks * spec.kv_bytes_per_token(dtype_bytes) * block_size
+    fixed = sum(weight_bytes(spec, dtype.itemsize).values())
+    fixed += workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
+    return fixed + num_blocks * spec.kv_bytes_per_token(dtype.itemsize) * block_size
 
 
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 256) -> list[list[int]]:

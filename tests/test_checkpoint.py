@@ -297,7 +297,7 @@ def test_default_model_config_and_tokenizer(default_folder):
 
 @pytest.mark.slow
 def test_default_model_gguf_tokenizer_has_chat_template():
-    source = default_model._gguf_source()
+    source = default_model.embedded_gguf_path()
     template = load_tokenizer(source).chat_template
     assert template and template == open_gguf(source).chat_template()
 

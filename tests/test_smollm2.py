@@ -8,14 +8,17 @@ import sys
 import pytest
 
 from sidp import LLM, SamplingParams
+from sidp.model.default_model import GGUF_FILE, default_model_path, embedded_gguf_path
 
 pytestmark = pytest.mark.slow
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_chat_knows_the_capital_of_france():
-    llm = LLM(max_num_seqs=8, memory_per_replica="1GiB")
+@pytest.mark.parametrize("dtype", ["auto", "float16", "float32"])
+def test_chat_knows_the_capital_of_france(dtype):
+    llm = LLM(dtype=dtype, max_num_seqs=8, memory_per_replica="2GiB")
     out = llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        FRANCE,
         SamplingParams(temperature=0, max_tokens=32),
         use_tqdm=False,
     )[0]
@@ -32,3 +35,15 @@ def test_default_job_runs_end_to_end():
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("### ") == 12
     assert "KV cache size:" in run.stderr
+
+
+def test_gguf_read_directly_equals_its_converted_folder():
+    """The same dequantized weights through both loaders give the same greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    prompts = [FRANCE, [{"role": "user", "content": "Write a haiku about the ocean."}]]
+    outputs = []
+    for model in (default_model_path(), embedded_gguf_path()):
+        llm = LLM(model, dtype="float32", memory_per_replica="2GiB")
+        outputs.append([o.outputs[0].token_ids for o in llm.chat(prompts, params, use_tqdm=False)])
+    assert embedded_gguf_path().name == GGUF_FILE
+    assert outputs[0] == outputs[1]

