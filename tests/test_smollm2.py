@@ -6,17 +6,25 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sidp import LLM, SamplingParams
+from sidp.model import linear
 from sidp.model.default_model import GGUF_FILE, default_model_path, embedded_gguf_path
 
 pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.mark.parametrize("dtype", ["auto", "float16", "float32"])
-def test_chat_knows_the_capital_of_france(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "native"),
+    [("auto", True), ("auto", False), ("float16", True), ("float16", False), ("float32", True)],
+)
+def test_chat_knows_the_capital_of_france(monkeypatch, dtype, native):
+    """Both ways of computing a 16-bit model (in its dtype, or widened to float32) run on any CPU."""
+    monkeypatch.setattr(linear, "native_matmul", lambda d: native or d == torch.float32)
     llm = LLM(dtype=dtype, max_num_seqs=8, memory_per_replica="2GiB")
+    assert llm.engine.runner.model.compute_dtype == (llm.engine.config.dtype if native else torch.float32)
     out = llm.chat(
         FRANCE,
         SamplingParams(temperature=0, max_tokens=32),
