@@ -57,9 +57,7 @@ class LLM:
         )
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
-        plan = plan_memory(
-            self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs
-        )
+        plan = plan_memory(self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs)
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
             model=self.model_path,
