@@ -17,6 +17,7 @@ import torch
 from conftest import COMMON
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from sidp import paths
 from sidp.errors import SidpError
 from sidp.model import default_model
 from sidp.model.checkpoint import load_tokenizer, open_checkpoint, read_config
@@ -319,6 +320,6 @@ def test_default_model_answers_paris(default_folder):
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SIDP_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_model.cache_root() == tmp_path / "sidp"
+    assert paths.cache_root() == tmp_path / "sidp"
     monkeypatch.setenv("SIDP_CACHE_DIR", str(tmp_path / "own"))
-    assert default_model.cache_root() == tmp_path / "own"
+    assert paths.cache_root() == tmp_path / "own"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sidp.errors import SidpError
+from sidp.paths import cache_root
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,14 +52,6 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
-
-
-def cache_root() -> Path:
-    """Where sidp keeps converted models: $SIDP_CACHE_DIR, else $XDG_CACHE_HOME/sidp, else ~/.cache/sidp."""
-    if os.environ.get("SIDP_CACHE_DIR"):
-        return Path(os.environ["SIDP_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "sidp"
 
 
 def embedded_gguf_path() -> Path:

@@ -8,7 +8,6 @@ $SIDP_CACHE_DIR/torch_extensions (default ~/.cache/sidp/torch_extensions), so la
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sidp.errors import SidpError
+from sidp.paths import cache_root
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
 _NAME = "sidp_paged_attention"
@@ -87,7 +87,7 @@ def _load():
     global _op
     with _load_lock:
         if _op is None:
-            _build_or_load(_cache_root() / f"paged_attention-{_cache_key()}")
+            _build_or_load(cache_root() / "torch_extensions" / f"paged_attention-{_cache_key()}")
             _op = torch.ops.sidp.paged_decode_attention.default
     return _op
 
@@ -124,11 +124,6 @@ def _build_or_load(build_dir: Path) -> None:
             "(g++ >= 12 or clang, or the one $CXX names) and ninja (pip install ninja). "
             f"Build files: {build_dir}. Cause: {e}"
         ) from e
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("SIDP_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "sidp") / "torch_extensions"
 
 
 def _cache_key() -> str:
