@@ -32,21 +32,16 @@ class ModelRunner:
         """The sampled token of each scheduled sequence (None where its prompt is still being read)."""
         order = sorted(range(len(step.seqs)), key=lambda i: step.num_new_tokens[i] > 1)
         seqs = [step.seqs[i] for i in order]
-        counts = [step.num_new_tokens[i] for i in order]
-        input_ids, batch, sample_rows = self._prepare(seqs, counts)
+        input_ids, batch, sample_rows = self._prepare(seqs, [step.num_new_tokens[i] for i in order])
         hidden = self.model(input_ids, batch, self.kv_caches)
-        sampling = [r is not None for r in sample_rows]
+        picked = [k for k, row in enumerate(sample_rows) if row is not None]
         tokens: list[int | None] = [None] * len(seqs)
-        if any(sampling):
-            picked = [i for i, s in enumerate(sampling) if s]
-            logits = self.model.logits(hidden[[sample_rows[i] for i in picked]])
-            drawn = sample(logits, [seqs[i].params for i in picked], [seqs[i].generator for i in picked])
-            for i, token in zip(picked, drawn, strict=True):
-                tokens[i] = token
-        result: list[int | None] = [None] * len(seqs)
-        for position, i in enumerate(order):
-            result[i] = tokens[position]
-        return result
+        if picked:
+            logits = self.model.logits(hidden[[sample_rows[k] for k in picked]])
+            drawn = sample(logits, [seqs[k].params for k in picked], [seqs[k].generator for k in picked])
+            for k, token in zip(picked, drawn, strict=True):
+                tokens[order[k]] = token
+        return tokens
 
     def _prepare(self, seqs: list[Sequence], counts: list[int]):
         num_decode = sum(1 for n in counts if n == 1)
