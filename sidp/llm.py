@@ -181,18 +181,23 @@ class LLM:
         seqs = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params, strict=True)]
         bar = tqdm(total=len(seqs), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         started, tokens_in, tokens_out = time.perf_counter(), 0, 0
-        while self.engine.has_work():
-            for seq in self.engine.step():
-                tokens_in += seq.num_prompt_tokens
-                tokens_out += len(seq.output_token_ids)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix_str(
-                    f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
-                    f"output: {tokens_out / elapsed:.2f} toks/s",
-                    refresh=False,
-                )
-                bar.update(1)
-        bar.close()
+        try:
+            while self.engine.has_work():
+                for seq in self.engine.step():
+                    tokens_in += seq.num_prompt_tokens
+                    tokens_out += len(seq.output_token_ids)
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix_str(
+                        f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                        f"output: {tokens_out / elapsed:.2f} toks/s",
+                        refresh=False,
+                    )
+                    bar.update(1)
+        except BaseException:
+            self.engine.abort_all()  # an interrupted call leaves nothing behind for the next one
+            raise
+        finally:
+            bar.close()
         return [self._output(seq, text) for seq, text in zip(seqs, texts, strict=True)]
 
     def _output(self, seq, prompt_text: str | None) -> RequestOutput:

@@ -79,3 +79,23 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects_nonsense():
     with pytest.raises(SidpError, match="600MiB"):
         parse_bytes("lots")
+
+
+def test_interrupted_generate_leaves_the_engine_clean(llm, monkeypatch):
+    engine = llm.engine
+    real_step, calls = engine.step, []
+
+    def step_then_interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["abc", "defgh"], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_work()
+    assert engine.scheduler.block_manager.num_free_blocks == len(engine.scheduler.block_manager.blocks)
+    out = llm.generate(["abc"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 3

@@ -76,3 +76,9 @@ class LLMEngine:
             seq.finish_reason = "length"
             return True
         return False
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request and free its KV blocks."""
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+        self.scheduler.waiting.clear()
