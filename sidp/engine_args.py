@@ -13,6 +13,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="replicas")
 
 
 def llm_from_args(args: argparse.Namespace):
@@ -26,4 +27,5 @@ def llm_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         memory_per_replica=args.memory_per_replica,
         enable_prefix_caching=not args.no_prefix_caching,
+        data_parallel_size=args.dp,
     )

@@ -6,6 +6,7 @@ nothing), hands token ids to the engine, and detokenizes the results back in inp
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sidp.config import EngineConfig, resolve_dtype
-from sidp.engine.llm_engine import LLMEngine
+from sidp.engine.group import ReplicaGroup
+from sidp.engine.llm_engine import FinishedRequest, LLMEngine
 from sidp.errors import SidpError
 from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
@@ -39,8 +41,14 @@ class LLM:
         memory_per_replica: int | str | None = None,
         enable_prefix_caching: bool = True,
         block_size: int = 16,
+        data_parallel_size: int = 1,
+        weight_sharing: str = "none",
     ):
         _configure_logging()
+        if data_parallel_size < 1:
+            raise SidpError(f"data_parallel_size must be at least 1, got {data_parallel_size}.")
+        if weight_sharing != "none":
+            raise SidpError(f"weight_sharing={weight_sharing!r} is not available yet; use 'none' (plain DP).")
         if model is None:
             from sidp.model.default_model import default_model_path
 
@@ -53,7 +61,7 @@ class LLM:
         budget = (
             parse_bytes(memory_per_replica)
             if memory_per_replica is not None
-            else default_memory_per_replica()
+            else default_memory_per_replica(data_parallel_size)
         )
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
@@ -72,7 +80,16 @@ class LLM:
         )
         for line in plan.report(self.max_model_len).splitlines():
             logger.info("%s", line)
-        self.engine = LLMEngine(config, self.spec, plan)
+        self._request_ids = itertools.count()
+        if data_parallel_size == 1:
+            self.engine = LLMEngine(config, self.spec, plan)
+            self._backend = self.engine
+        else:
+            logger.info(
+                "starting %d replicas (plain data parallelism, the numbers above are per replica)",
+                data_parallel_size,
+            )
+            self._backend = ReplicaGroup(config, self.spec, plan, data_parallel_size)
 
     def _resolve_max_model_len(self, requested: int | None, kv_tokens: int) -> int:
         limit = self.spec.max_position_embeddings
@@ -178,44 +195,47 @@ class LLM:
         return params
 
     def _run(self, texts, token_lists, params, use_tqdm: bool) -> list[RequestOutput]:
-        seqs = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params, strict=True)]
-        bar = tqdm(total=len(seqs), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        bar = tqdm(total=len(token_lists), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         started, tokens_in, tokens_out = time.perf_counter(), 0, 0
+
+        def on_finish(done: FinishedRequest) -> None:
+            nonlocal tokens_in, tokens_out
+            tokens_in += len(token_lists[done.seq_id])
+            tokens_out += len(done.output_token_ids)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(
+                f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                f"output: {tokens_out / elapsed:.2f} toks/s",
+                refresh=False,
+            )
+            bar.update(1)
+
         try:
-            while self.engine.has_work():
-                for seq in self.engine.step():
-                    tokens_in += seq.num_prompt_tokens
-                    tokens_out += len(seq.output_token_ids)
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix_str(
-                        f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
-                        f"output: {tokens_out / elapsed:.2f} toks/s",
-                        refresh=False,
-                    )
-                    bar.update(1)
-        except BaseException:
-            self.engine.abort_all()  # an interrupted call leaves nothing behind for the next one
-            raise
+            finished = self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
         finally:
             bar.close()
-        return [self._output(seq, text) for seq, text in zip(seqs, texts, strict=True)]
+        first_id = next(self._request_ids)
+        self._request_ids = itertools.count(first_id + len(finished))
+        return [
+            self._output(str(first_id + i), done, text, ids)
+            for i, (done, text, ids) in enumerate(zip(finished, texts, token_lists, strict=True))
+        ]
 
-    def _output(self, seq, prompt_text: str | None) -> RequestOutput:
-        out_ids = seq.output_token_ids
-        completion = CompletionOutput(
-            0,
-            self.tokenizer.decode(out_ids, skip_special_tokens=True),
-            out_ids,
-            seq.finish_reason,
-            seq.stop_reason,
-        )
-        return RequestOutput(
-            str(seq.seq_id),
-            prompt_text,
-            seq.token_ids[: seq.num_prompt_tokens],
-            [completion],
-            num_cached_tokens=seq.num_cached_prompt_tokens,
-        )
+    def _output(
+        self, request_id: str, done: FinishedRequest, prompt: str | None, ids: list[int]
+    ) -> RequestOutput:
+        text = self.tokenizer.decode(done.output_token_ids, skip_special_tokens=True)
+        completion = CompletionOutput(0, text, done.output_token_ids, done.finish_reason, done.stop_reason)
+        return RequestOutput(request_id, prompt, ids, [completion], num_cached_tokens=done.num_cached_tokens)
+
+    def close(self) -> None:
+        """Stop the replicas (if any); the LLM cannot generate afterwards."""
+        self._backend.close()
+
+    def __del__(self) -> None:
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            backend.close()
 
 
 def _is_single_prompt(prompts) -> bool:

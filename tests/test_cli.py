@@ -29,6 +29,15 @@ def test_generate_prompts(model, capsys):
     assert out.index("### hi") < out.index("### yo")
 
 
+def test_two_replicas_print_what_one_prints(model, capsys):
+    base = ["generate", *engine_args(model), "--raw", "--temperature", "0", "--max-tokens", "5"]
+    base += ["--prompt", "hello", "--prompt", "world"]
+    assert main(base) == 0
+    one = capsys.readouterr().out
+    assert main([*base, "--dp", "2"]) == 0
+    assert capsys.readouterr().out == one
+
+
 def test_generate_jsonl_in_order_with_per_line_params(model, tmp_path):
     lines = [
         {"id": "a", "prompt": "hello", "max_tokens": 3},

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,23 @@ from sidp.model.spec import ModelSpec
 from sidp.sampling_params import SamplingParams
 
 
+@dataclass(slots=True)
+class FinishedRequest:
+    """What a finished sequence hands back: small and picklable, so replicas can send it to the driver."""
+
+    seq_id: int
+    output_token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | None
+    num_cached_tokens: int
+
+    @classmethod
+    def of(cls, seq: Sequence) -> FinishedRequest:
+        return cls(
+            seq.seq_id, seq.output_token_ids, seq.finish_reason, seq.stop_reason, seq.num_cached_prompt_tokens
+        )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan):
         self.config = config
@@ -26,10 +44,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self._ids = itertools.count()
         self.num_steps = 0
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """prompt_token_ids must already be checked against max_model_len by the caller."""
         room = self.config.max_model_len - len(prompt_token_ids)
         max_total = len(prompt_token_ids) + min(room, params.max_tokens or room)
@@ -37,15 +54,15 @@ class LLMEngine:
         if not params.greedy:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = Sequence(next(self._ids), list(prompt_token_ids), params, max_total, generator=generator)
+        seq = Sequence(seq_id, list(prompt_token_ids), params, max_total, generator=generator)
         self.scheduler.add(seq)
         return seq
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[Sequence]:
-        """Run one step; return the sequences that finished in it."""
+    def step(self) -> list[FinishedRequest]:
+        """Run one step; return the requests that finished in it."""
         step = self.scheduler.schedule()
         if not step.seqs:
             raise RuntimeError("the scheduler produced an empty step while requests are pending")
@@ -61,7 +78,7 @@ class LLMEngine:
             seq.token_ids.append(token)
             if self._stops(seq, token):
                 self.scheduler.finish(seq)
-                finished.append(seq)
+                finished.append(FinishedRequest.of(seq))
         return finished
 
     def _stops(self, seq: Sequence, token: int) -> bool:
@@ -76,6 +93,26 @@ class LLMEngine:
             seq.finish_reason = "length"
             return True
         return False
+
+    def run(
+        self, requests: list[tuple[list[int], SamplingParams]], on_finish: Callable[[FinishedRequest], None]
+    ) -> list[FinishedRequest]:
+        """Run requests to completion in this process; results in request order."""
+        for seq_id, (token_ids, params) in enumerate(requests):
+            self.add_request(seq_id, token_ids, params)
+        finished: list[FinishedRequest | None] = [None] * len(requests)
+        try:
+            while self.has_work():
+                for done in self.step():
+                    finished[done.seq_id] = done
+                    on_finish(done)
+        except BaseException:
+            self.abort_all()  # an interrupted call leaves nothing behind for the next one
+            raise
+        return finished
+
+    def close(self) -> None:
+        pass
 
     def abort_all(self) -> None:
         """Drop every unfinished request and free its KV blocks."""

@@ -1,0 +1,105 @@
+"""The driver's side of a data-parallel group: spawn replicas, hand out requests, gather results.
+
+Requests go into one shared queue that replicas pull from as they have room (offline load
+balancing); results come back in completion order and the caller restores input order. A replica
+that dies or fails stops the whole group within a second, with an error that names it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from collections.abc import Callable
+
+import torch
+
+from sidp.config import EngineConfig
+from sidp.engine.llm_engine import FinishedRequest
+from sidp.engine.replica import STOP, replica_main
+from sidp.errors import SidpError
+from sidp.memory import MemoryPlan
+from sidp.model.spec import ModelSpec
+from sidp.sampling_params import SamplingParams
+
+POLL_S = 0.5
+JOIN_S = 5.0
+
+
+class ReplicaGroup:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, size: int):
+        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and torch state
+        self.requests = ctx.Queue()
+        self.results = ctx.Queue()
+        threads = max(1, torch.get_num_threads() // size)
+        self.procs = [
+            ctx.Process(
+                target=replica_main,
+                name=f"sidp-replica-{rank}",
+                daemon=True,
+                args=(rank, config, spec, plan, threads, self.requests, self.results),
+            )
+            for rank in range(size)
+        ]
+        for proc in self.procs:
+            proc.start()
+        ready = 0
+        while ready < size:
+            kind, _ = self._next()
+            ready += kind == "ready"
+
+    def run(
+        self, requests: list[tuple[list[int], SamplingParams]], on_finish: Callable[[FinishedRequest], None]
+    ) -> list[FinishedRequest]:
+        if not self.procs:
+            raise SidpError("This LLM's replicas have stopped after an earlier error; create a new LLM.")
+        try:
+            for seq_id, (token_ids, params) in enumerate(requests):
+                self.requests.put((seq_id, token_ids, params))
+            finished: list[FinishedRequest | None] = [None] * len(requests)
+            for _ in requests:
+                kind, done = self._next()
+                finished[done.seq_id] = done
+                on_finish(done)
+            return finished
+        except BaseException:
+            self.close(at_once=True)  # requests handed out cannot be recalled: stop the group
+            raise
+
+    def _next(self) -> tuple[str, object]:
+        while True:
+            try:
+                kind, payload = self.results.get(timeout=POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if kind == "error":
+                rank, trace = payload
+                self.close(at_once=True)
+                raise SidpError(f"Replica {rank} failed: {trace.strip().splitlines()[-1]}")
+            return kind, payload
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                code = proc.exitcode
+                self.close(at_once=True)
+                raise SidpError(
+                    f"Replica {rank} died (exit code {code}); its requests are lost. "
+                    "If the system killed it for memory, lower memory_per_replica."
+                )
+
+    def close(self, at_once: bool = False) -> None:
+        """Stop the replicas: politely when idle, at once after an error (they may hold requests)."""
+        procs, self.procs = self.procs, []
+        if at_once:
+            self.requests.cancel_join_thread()  # undelivered requests must not keep the driver alive
+        for proc in procs:
+            if at_once:
+                proc.terminate()
+            else:
+                self.requests.put(STOP)
+        for proc in procs:
+            proc.join(JOIN_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(JOIN_S)

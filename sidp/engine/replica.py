@@ -1,0 +1,63 @@
+"""A replica process: its own engine, pulling requests from the driver's queue whenever it has room.
+
+Replicas never wait for each other: each admits a new request only once its scheduler has placed
+every request it holds, so a replica that is short of KV room leaves the rest of the queue to the
+others. Finished requests go straight back to the driver. A replica exits on the driver's stop
+message, or by itself when the driver has gone.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import traceback
+
+import torch
+
+from sidp.config import EngineConfig
+from sidp.engine.llm_engine import LLMEngine
+from sidp.memory import MemoryPlan
+from sidp.model.spec import ModelSpec
+
+STOP = None
+IDLE_POLL_S = 1.0  # how often an idle replica checks that its driver is still alive
+
+
+def replica_main(
+    rank: int, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, threads: int, requests, results
+) -> None:
+    # Ctrl-C belongs to the driver, which stops the group; a replica dying on it would only add noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    driver = os.getppid()
+    try:
+        engine = LLMEngine(config, spec, plan)
+        results.put(("ready", rank))
+        while True:
+            if not _pull(engine, requests, driver):
+                return
+            if engine.has_work():
+                for done in engine.step():
+                    results.put(("done", done))
+    except Exception:
+        results.put(("error", (rank, traceback.format_exc())))
+
+
+def _pull(engine: LLMEngine, requests, driver: int) -> bool:
+    """Take requests while the scheduler has room for them; False when the replica should exit."""
+    scheduler = engine.scheduler
+    while not scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+        try:
+            message = requests.get(block=not engine.has_work(), timeout=IDLE_POLL_S)
+        except queue.Empty:
+            if engine.has_work():
+                return True
+            if os.getppid() != driver:
+                return False
+            continue
+        if message is STOP:
+            return False
+        seq_id, token_ids, params = message
+        engine.add_request(seq_id, token_ids, params)
+    return True

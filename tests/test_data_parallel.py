@@ -1,0 +1,74 @@
+"""Plain data parallelism: N replica processes give the same greedy tokens as one, and fail loudly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from helpers import hf_greedy, random_prompts
+
+from sidp import LLM, SamplingParams, SidpError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize(("family", "size"), [("llama", 2), ("qwen2", 3), ("qwen3", 2)])
+def test_replicas_equal_transformers(tiny_model, family, size):
+    path = tiny_model(family)
+    prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
+    llm = LLM(
+        path,
+        dtype="float32",
+        memory_per_replica="64MiB",
+        data_parallel_size=size,
+        max_num_batched_tokens=32,
+        max_num_seqs=3,
+    )
+    try:
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts, 12)
+        assert [o.prompt_token_ids for o in outputs] == prompts
+        again = llm.generate(prompts[:2], GREEDY, use_tqdm=False)  # the group serves call after call
+        assert [o.request_id for o in again] == [str(len(prompts)), str(len(prompts) + 1)]
+    finally:
+        llm.close()
+
+
+def test_killed_replica_raises_and_stops_the_group(tiny_model):
+    llm = LLM(
+        tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", data_parallel_size=2, max_num_seqs=2
+    )
+    replicas = list(llm._backend.procs)
+    victim = replicas[1]
+    outcome: dict = {}
+
+    def run():
+        try:
+            llm.generate(
+                random_prompts([20] * 16), SamplingParams(max_tokens=900, ignore_eos=True), use_tqdm=False
+            )
+        except SidpError as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)
+    started = time.monotonic()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert time.monotonic() - started < 10
+    assert "Replica 1 died" in str(outcome["error"])
+    assert not any(p.is_alive() for p in replicas)
+    with pytest.raises(SidpError, match="create a new LLM"):
+        llm.generate(["a"], GREEDY, use_tqdm=False)
+
+
+def test_bad_group_arguments(tiny_model):
+    with pytest.raises(SidpError, match="data_parallel_size"):
+        LLM(tiny_model("llama"), data_parallel_size=0)
+    with pytest.raises(SidpError, match="weight_sharing"):
+        LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="everything")
