@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sidp.errors import SidpError
+from sidp.pool.placement import Placement
 
 _DTYPES = {
     "float32": torch.float32,
@@ -45,3 +46,5 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...]
     block_size: int = 16
     enable_prefix_caching: bool = True
+    placement: Placement | None = None  # None: every replica holds every layer (plain DP)
+    cache_slots: int = 2

@@ -23,6 +23,7 @@ from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
+from sidp.pool.placement import Placement
 from sidp.sampling_params import SamplingParams
 
 logger = logging.getLogger("sidp")
@@ -43,12 +44,20 @@ class LLM:
         block_size: int = 16,
         data_parallel_size: int = 1,
         weight_sharing: str = "none",
+        sidp_mode: str = "was",
+        placement: str = "round_robin",
+        cache_slots: int = 2,
     ):
         _configure_logging()
         if data_parallel_size < 1:
             raise SidpError(f"data_parallel_size must be at least 1, got {data_parallel_size}.")
-        if weight_sharing != "none":
-            raise SidpError(f"weight_sharing={weight_sharing!r} is not available yet; use 'none' (plain DP).")
+        if weight_sharing not in ("none", "sidp"):
+            raise SidpError(f"weight_sharing must be 'none' (plain DP) or 'sidp', got {weight_sharing!r}.")
+        if weight_sharing == "sidp" and sidp_mode != "was":
+            raise SidpError(f"sidp_mode={sidp_mode!r} is not available yet; this build has 'was'.")
+        if cache_slots < 1:
+            raise SidpError(f"cache_slots must be at least 1, got {cache_slots}.")
+        pooled = weight_sharing == "sidp" and data_parallel_size > 1
         if model is None:
             from sidp.model.default_model import default_model_path
 
@@ -65,7 +74,20 @@ class LLM:
         )
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
-        plan = plan_memory(self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs)
+        layout = Placement.build(self.spec.num_layers, data_parallel_size, placement) if pooled else None
+        plans = [
+            plan_memory(
+                self.spec,
+                torch_dtype,
+                budget,
+                block_size,
+                max_num_batched_tokens,
+                max_num_seqs,
+                *((len(layout.owned_by(rank)), cache_slots) if layout else ()),
+            )
+            for rank in range(data_parallel_size)
+        ]
+        plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
             model=self.model_path,
@@ -77,6 +99,8 @@ class LLM:
             eos_token_ids=self._eos_token_ids(),
             block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,
+            placement=layout,
+            cache_slots=cache_slots,
         )
         for line in plan.report(self.max_model_len).splitlines():
             logger.info("%s", line)
@@ -85,11 +109,9 @@ class LLM:
             self.engine = LLMEngine(config, self.spec, plan)
             self._backend = self.engine
         else:
-            logger.info(
-                "starting %d replicas (plain data parallelism, the numbers above are per replica)",
-                data_parallel_size,
-            )
-            self._backend = ReplicaGroup(config, self.spec, plan, data_parallel_size)
+            kind = "SiDP, MLPs pooled" if pooled else "plain data parallelism"
+            logger.info("starting %d replicas (%s; above: the tightest replica)", data_parallel_size, kind)
+            self._backend = ReplicaGroup(config, self.spec, plans)
 
     def _resolve_max_model_len(self, requested: int | None, kv_tokens: int) -> int:
         limit = self.spec.max_position_embeddings

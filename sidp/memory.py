@@ -136,8 +136,15 @@ def plan_memory(
     block_size: int,
     max_num_batched_tokens: int,
     max_num_seqs: int,
+    mlp_layers: int | None = None,
+    cache_slots: int = 0,
 ) -> MemoryPlan:
+    """mlp_layers: how many layers' MLPs this replica holds (all unless pooled); cache_slots: WaS slots."""
     weights = weight_bytes(spec, dtype.itemsize)
+    if mlp_layers is not None:
+        per_layer = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
+        weights["mlp"] = per_layer * mlp_layers
+        weights["mlp cache slots"] = per_layer * cache_slots
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     free = budget - sum(weights.values()) - workspace

@@ -72,3 +72,28 @@ def test_bad_group_arguments(tiny_model):
         LLM(tiny_model("llama"), data_parallel_size=0)
     with pytest.raises(SidpError, match="weight_sharing"):
         LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="everything")
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "placement"),
+    [("llama", 2, "round_robin"), ("qwen2", 3, "contiguous"), ("qwen3", 2, "contiguous")],
+)
+def test_weight_as_a_service_equals_transformers(tiny_model, family, size, placement):
+    path = tiny_model(family)
+    prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
+    llm = LLM(
+        path,
+        dtype="float32",
+        memory_per_replica="64MiB",
+        data_parallel_size=size,
+        weight_sharing="sidp",
+        sidp_mode="was",
+        placement=placement,
+        max_num_batched_tokens=32,
+        max_num_seqs=3,
+    )
+    try:
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    finally:
+        llm.close()
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts, 12)

@@ -7,11 +7,11 @@ that dies or fails stops the whole group within a second, with an error that nam
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 from collections.abc import Callable
 
 import torch
+import torch.multiprocessing as mp
 
 from sidp.config import EngineConfig
 from sidp.engine.llm_engine import FinishedRequest
@@ -26,26 +26,41 @@ JOIN_S = 5.0
 
 
 class ReplicaGroup:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, size: int):
-        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and torch state
+    def __init__(self, config: EngineConfig, spec: ModelSpec, plans: list[MemoryPlan]):
+        # spawn, not fork: fork would copy the driver's threads and torch state. torch's context sends
+        # shared tensors as file descriptors, so a pool segment dies with its last holder.
+        ctx = mp.get_context("spawn")
+        size = len(plans)
         self.requests = ctx.Queue()
         self.results = ctx.Queue()
+        controls = [ctx.Queue() for _ in range(size)]
         threads = max(1, torch.get_num_threads() // size)
         self.procs = [
             ctx.Process(
                 target=replica_main,
                 name=f"sidp-replica-{rank}",
                 daemon=True,
-                args=(rank, config, spec, plan, threads, self.requests, self.results),
+                args=(rank, config, spec, plans[rank], threads, self.requests, self.results, controls[rank]),
             )
             for rank in range(size)
         ]
         for proc in self.procs:
             proc.start()
-        ready = 0
-        while ready < size:
-            kind, _ = self._next()
-            ready += kind == "ready"
+        if config.placement is not None:
+            pool: dict = {}
+            for _ in range(size):
+                pool.update(self._expect("owned"))
+            for control in controls:
+                control.put(pool)
+        for _ in range(size):
+            self._expect("ready")
+
+    def _expect(self, kind: str):
+        got, payload = self._next()
+        if got != kind:
+            self.close(at_once=True)
+            raise RuntimeError(f"replica sent {got!r} where the driver expected {kind!r}")
+        return payload
 
     def run(
         self, requests: list[tuple[list[int], SamplingParams]], on_finish: Callable[[FinishedRequest], None]

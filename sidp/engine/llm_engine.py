@@ -37,10 +37,10 @@ class FinishedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan):
+    def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, mlps: list | None = None):
         self.config = config
         self.plan = plan
-        model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len)
+        model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, mlps)
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)

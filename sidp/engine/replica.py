@@ -18,21 +18,30 @@ import torch
 from sidp.config import EngineConfig
 from sidp.engine.llm_engine import LLMEngine
 from sidp.memory import MemoryPlan
+from sidp.model.checkpoint import open_checkpoint
 from sidp.model.spec import ModelSpec
+from sidp.pool.provider import load_owned, pooled_mlps
 
 STOP = None
 IDLE_POLL_S = 1.0  # how often an idle replica checks that its driver is still alive
 
 
 def replica_main(
-    rank: int, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, threads: int, requests, results
+    rank: int,
+    config: EngineConfig,
+    spec: ModelSpec,
+    plan: MemoryPlan,
+    threads: int,
+    requests,
+    results,
+    control,
 ) -> None:
     # Ctrl-C belongs to the driver, which stops the group; a replica dying on it would only add noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     driver = os.getppid()
     try:
-        engine = LLMEngine(config, spec, plan)
+        engine = LLMEngine(config, spec, plan, _join_pool(rank, config, results, control))
         results.put(("ready", rank))
         while True:
             if not _pull(engine, requests, driver):
@@ -42,6 +51,16 @@ def replica_main(
                     results.put(("done", done))
     except Exception:
         results.put(("error", (rank, traceback.format_exc())))
+
+
+def _join_pool(rank: int, config: EngineConfig, results, control) -> list | None:
+    """Load the layers this replica owns, publish them, and map everyone's: the group's MLPs."""
+    if config.placement is None:
+        return None
+    owned = load_owned(open_checkpoint(config.model), config.placement.owned_by(rank), config.dtype)
+    results.put(("owned", owned))
+    mlps, _ = pooled_mlps(config.placement, rank, control.get(), config.cache_slots)
+    return mlps
 
 
 def _pull(engine: LLMEngine, requests, driver: int) -> bool:

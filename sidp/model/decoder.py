@@ -26,20 +26,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
+
+
+def read_mlp(read: Callable[[str], torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up, down) of one layer, gate and up stacked."""
+    p = f"model.layers.{index}.mlp."
+    return torch.cat([read(p + "gate_proj.weight"), read(p + "up_proj.weight")]), read(p + "down_proj.weight")
+
+
 class Mlp:
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+    """A layer's feed-forward on weights this process holds."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
         self.gate_up = gate_up
         self.down = down
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down)
+        return swiglu(x, self.gate_up, self.down)
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, read: Callable[[str], torch.Tensor], index: int):
+    def __init__(
+        self, spec: ModelSpec, read: Callable[[str], torch.Tensor], index: int, mlp: Callable | None = None
+    ):
         p = f"model.layers.{index}."
         self.spec = spec
         self.input_norm = read(p + "input_layernorm.weight")
@@ -52,8 +65,7 @@ class DecoderLayer:
         self.o_proj = read(attn + "o_proj.weight")
         self.q_norm = read(attn + "q_norm.weight") if spec.qk_norm else None
         self.k_norm = read(attn + "k_norm.weight") if spec.qk_norm else None
-        gate_up = torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
-        self.mlp: Callable[[torch.Tensor], torch.Tensor] = Mlp(gate_up, read(p + "mlp.down_proj.weight"))
+        self.mlp: Callable[[torch.Tensor], torch.Tensor] = mlp or Mlp(*read_mlp(read, index))
 
     def attention(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
@@ -78,14 +90,24 @@ class DecoderLayer:
 class Decoder:
     """Token ids + attention batch → final hidden states; `logits` projects the rows that sample."""
 
-    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, max_positions: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype,
+        max_positions: int,
+        mlps: list[Callable] | None = None,
+    ):
+        """mlps, when given, replaces each layer's feed-forward (a weight provider's answer)."""
+
         def read(name: str) -> torch.Tensor:
             return checkpoint.read(name, dtype)
 
         self.spec = spec
         self.compute_dtype = compute_dtype(dtype)
         self.embed = read("model.embed_tokens.weight")
-        self.layers = [DecoderLayer(spec, read, i) for i in range(spec.num_layers)]
+        mlps = mlps or [None] * spec.num_layers
+        self.layers = [DecoderLayer(spec, read, i, mlps[i]) for i in range(spec.num_layers)]
         self.norm = read("model.norm.weight")
         self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
         self.rotary = RotaryTable(

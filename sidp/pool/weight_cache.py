@@ -1,0 +1,54 @@
+"""WaS (weight-as-a-service): a few local slots that a background thread fills with remote layers.
+
+The remote layers are used in the same order every step, so the cache is a ring: the prefetcher
+copies remote layer k+1, k+2, ... into free slots while layer k computes, and wraps from the last
+remote layer of a step to the first of the next. Slots are allocated once and reused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+Weights = tuple[torch.Tensor, ...]
+
+
+class WeightCache:
+    def __init__(self, order: list[int], peers: dict[int, Weights], slots: int):
+        self.order = order  # remote layers, in the order the forward pass uses them
+        self.peers = peers  # layer -> the owner's tensors, mapped into this process
+        first = peers[order[0]]
+        self.slots = [tuple(torch.empty_like(t) for t in first) for _ in range(slots)]
+        self._free = threading.Semaphore(slots)
+        self._filled = [threading.Semaphore(0) for _ in range(slots)]
+        self._next_use = 0
+        self.bytes_fetched = 0
+        self.wait_s = 0.0
+        self._thread = threading.Thread(target=self._prefetch, name="sidp-was-prefetch", daemon=True)
+        self._thread.start()
+
+    def _prefetch(self) -> None:
+        position = 0
+        while True:
+            self._free.acquire()
+            slot = self.slots[position % len(self.slots)]
+            for target, source in zip(slot, self.peers[self.order[position % len(self.order)]], strict=True):
+                target.copy_(source)
+                self.bytes_fetched += source.nbytes
+            self._filled[position % len(self.slots)].release()
+            position += 1
+
+    def acquire(self, layer: int) -> Weights:
+        """The weights of `layer`, which must be the next remote layer in order; blocks until copied."""
+        position = self._next_use
+        assert self.order[position % len(self.order)] == layer, "remote layers used out of order"
+        started = time.perf_counter()
+        self._filled[position % len(self.slots)].acquire()
+        self.wait_s += time.perf_counter() - started
+        return self.slots[position % len(self.slots)]
+
+    def release(self) -> None:
+        self._next_use += 1
+        self._free.release()
