@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
+from sidp.pool.placement import Placement
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, parameters and bytes by part of a model")
     info.add_argument("model", nargs="?", help="checkpoint folder or .gguf (default: the embedded model)")
     info.add_argument("--dtype", default="bfloat16")
+    info.add_argument(
+        "--dp", type=int, default=1, help="also show who owns what in a SiDP group of this size"
+    )
+    info.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
     info.set_defaults(func=cmd_info)
 
     from sidp.bench import throughput
@@ -190,6 +195,29 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {part:<12} {format_bytes(n):>12}  {100 * n / total:5.1f}%")
     print(f"  {'total':<12} {format_bytes(total):>12}")
     print(f"KV cache         {format_bytes(spec.kv_bytes_per_token(dtype.itemsize))} per token")
+    if args.dp > 1:
+        print_placement(spec, dtype, parts, Placement.build(spec.num_layers, args.dp, args.placement))
+
+
+def print_placement(spec, dtype, parts: dict[str, int], placement) -> None:
+    from sidp.memory import format_bytes, layer_weight_bytes
+
+    mlp = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
+    replicated = sum(parts.values()) - parts["mlp"]
+    print(f"SiDP group of {placement.size} ({spec.num_layers} MLPs pooled), weights each replica holds:")
+    for rank in range(placement.size):
+        owned = placement.owned_by(rank)
+        held = replicated + mlp * len(owned)
+        print(
+            f"  replica {rank}: owns layers {_ranges(owned):<24} {format_bytes(held):>12}"
+            f"  (plain DP: {format_bytes(sum(parts.values()))})"
+        )
+
+
+def _ranges(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="replicas")
+    parser.add_argument("--weight-sharing", choices=("none", "sidp"), default="none")
+    parser.add_argument("--sidp-mode", default="was", help="how replicas borrow layers they do not own")
+    parser.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
+    parser.add_argument("--cache-slots", type=int, default=2, help="WaS weight cache slots per replica")
 
 
 def llm_from_args(args: argparse.Namespace):
@@ -28,4 +32,8 @@ def llm_from_args(args: argparse.Namespace):
         memory_per_replica=args.memory_per_replica,
         enable_prefix_caching=not args.no_prefix_caching,
         data_parallel_size=args.dp,
+        weight_sharing=args.weight_sharing,
+        sidp_mode=args.sidp_mode,
+        placement=args.placement,
+        cache_slots=args.cache_slots,
     )

@@ -107,3 +107,9 @@ def test_info_counts_parameters(model, capsys):
     out = capsys.readouterr().out
     hf = AutoModelForCausalLM.from_pretrained(model)
     assert f"parameters       {hf.num_parameters():,}" in out
+
+
+def test_info_shows_who_owns_what(model, capsys):
+    assert main(["info", model, "--dtype", "float32", "--dp", "2", "--placement", "contiguous"]) == 0
+    out = capsys.readouterr().out
+    assert "replica 0: owns layers 0-1" in out and "replica 1: owns layers 2 " in out
