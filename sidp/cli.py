@@ -215,7 +215,7 @@ def print_placement(spec, dtype, parts: dict[str, int], placement) -> None:
 
 
 def _ranges(layers: list[int]) -> str:
-    if layers == list(range(layers[0], layers[-1] + 1)):
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
 
