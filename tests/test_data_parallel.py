@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -37,15 +38,22 @@ def test_replicas_equal_transformers(tiny_model, family, size):
         llm.close()
 
 
-def test_killed_replica_raises_and_stops_the_group(tiny_model):
+@pytest.mark.parametrize("sharing", ["none", "sidp"])
+def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model, sharing):
+    shm_before = set(os.listdir("/dev/shm"))
     llm = LLM(
-        tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", data_parallel_size=2, max_num_seqs=2
+        tiny_model("llama"),
+        dtype="float32",
+        memory_per_replica="64MiB",
+        data_parallel_size=2,
+        max_num_seqs=2,
+        weight_sharing=sharing,
     )
     replicas = list(llm._backend.procs)
     victim = replicas[1]
     outcome: dict = {}
 
-    def run():
+    def run(llm: LLM, outcome: dict) -> None:
         try:
             llm.generate(
                 random_prompts([20] * 16), SamplingParams(max_tokens=900, ignore_eos=True), use_tqdm=False
@@ -53,7 +61,7 @@ def test_killed_replica_raises_and_stops_the_group(tiny_model):
         except SidpError as error:
             outcome["error"] = error
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, args=(llm, outcome))
     worker.start()
     time.sleep(1.0)
     os.kill(victim.pid, signal.SIGKILL)
@@ -65,6 +73,9 @@ def test_killed_replica_raises_and_stops_the_group(tiny_model):
     assert not any(p.is_alive() for p in replicas)
     with pytest.raises(SidpError, match="create a new LLM"):
         llm.generate(["a"], GREEDY, use_tqdm=False)
+    del llm, replicas, victim, outcome  # Process objects and tracebacks keep the queues alive
+    gc.collect()
+    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
 def test_bad_group_arguments(tiny_model):

@@ -55,3 +55,13 @@ def test_gguf_read_directly_equals_its_converted_folder():
         outputs.append([o.outputs[0].token_ids for o in llm.chat(prompts, params, use_tqdm=False)])
     assert embedded_gguf_path().name == GGUF_FILE
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("sharing", ["none", "sidp"])
+def test_two_replicas_know_the_capital_of_france(sharing):
+    llm = LLM(data_parallel_size=2, weight_sharing=sharing, memory_per_replica="1GiB", max_num_seqs=8)
+    try:
+        outs = llm.chat([FRANCE] * 3, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    finally:
+        llm.close()
+    assert all("Paris" in o.outputs[0].text for o in outs)

@@ -33,7 +33,7 @@ class ReplicaGroup:
         size = len(plans)
         self.requests = ctx.Queue()
         self.results = ctx.Queue()
-        controls = [ctx.Queue() for _ in range(size)]
+        self.controls = controls = [ctx.Queue() for _ in range(size)]
         threads = max(1, torch.get_num_threads() // size)
         self.procs = [
             ctx.Process(
@@ -94,17 +94,20 @@ class ReplicaGroup:
             return kind, payload
 
     def _check_alive(self) -> None:
-        for rank, proc in enumerate(self.procs):
-            if not proc.is_alive():
-                code = proc.exitcode
-                self.close(at_once=True)
-                raise SidpError(
-                    f"Replica {rank} died (exit code {code}); its requests are lost. "
-                    "If the system killed it for memory, lower memory_per_replica."
-                )
+        # Only numbers stay in this frame: a Process kept alive by the traceback would keep the queues
+        # (its arguments), and their semaphores in /dev/shm, alive with it.
+        dead = next(((rank, p.exitcode) for rank, p in enumerate(self.procs) if not p.is_alive()), None)
+        if dead is not None:
+            self.close(at_once=True)
+            raise SidpError(
+                f"Replica {dead[0]} died (exit code {dead[1]}); its requests are lost. "
+                "If the system killed it for memory, lower memory_per_replica."
+            )
 
     def close(self, at_once: bool = False) -> None:
         """Stop the replicas: politely when idle, at once after an error (they may hold requests)."""
+        if self.requests is None:
+            return
         procs, self.procs = self.procs, []
         if at_once:
             self.requests.cancel_join_thread()  # undelivered requests must not keep the driver alive
@@ -118,3 +121,8 @@ class ReplicaGroup:
             if proc.is_alive():
                 proc.kill()
                 proc.join(JOIN_S)
+        # Dropping the queues unlinks their named semaphores from /dev/shm now, not at interpreter exit.
+        for q in (self.requests, self.results, *self.controls):
+            q.close()
+        self.requests = self.results = None
+        self.controls = []
