@@ -16,8 +16,12 @@ from sidp import LLM, SamplingParams, SidpError
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
+@pytest.mark.parametrize(
+    ("sharing", "placement"), [("none", "round_robin"), ("sidp", "round_robin"), ("sidp", "contiguous")]
+)
 @pytest.mark.parametrize(("family", "size"), [("llama", 2), ("qwen2", 3), ("qwen3", 2)])
-def test_replicas_equal_transformers(tiny_model, family, size):
+def test_replicas_equal_transformers(tiny_model, family, size, sharing, placement):
+    """Plain DP and SiDP weight-as-a-service, N=2 and N=3, chunked prefill in play."""
     path = tiny_model(family)
     prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
     llm = LLM(
@@ -25,6 +29,8 @@ def test_replicas_equal_transformers(tiny_model, family, size):
         dtype="float32",
         memory_per_replica="64MiB",
         data_parallel_size=size,
+        weight_sharing=sharing,
+        placement=placement,
         max_num_batched_tokens=32,
         max_num_seqs=3,
     )
@@ -83,28 +89,3 @@ def test_bad_group_arguments(tiny_model):
         LLM(tiny_model("llama"), data_parallel_size=0)
     with pytest.raises(SidpError, match="weight_sharing"):
         LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="everything")
-
-
-@pytest.mark.parametrize(
-    ("family", "size", "placement"),
-    [("llama", 2, "round_robin"), ("qwen2", 3, "contiguous"), ("qwen3", 2, "contiguous")],
-)
-def test_weight_as_a_service_equals_transformers(tiny_model, family, size, placement):
-    path = tiny_model(family)
-    prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
-    llm = LLM(
-        path,
-        dtype="float32",
-        memory_per_replica="64MiB",
-        data_parallel_size=size,
-        weight_sharing="sidp",
-        sidp_mode="was",
-        placement=placement,
-        max_num_batched_tokens=32,
-        max_num_seqs=3,
-    )
-    try:
-        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    finally:
-        llm.close()
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts, 12)
