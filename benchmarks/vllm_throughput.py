@@ -46,7 +46,8 @@ def main() -> None:
     output_tokens = sum(n for _, n in workload["timed"])
     line = (
         f"Throughput: {len(outputs) / elapsed:.2f} requests/s, "
-        f"{(prompt_tokens + output_tokens) / elapsed:.2f} total tokens/s, {output_tokens / elapsed:.2f} output tokens/s"
+        f"{(prompt_tokens + output_tokens) / elapsed:.2f} total tokens/s, "
+        f"{output_tokens / elapsed:.2f} output tokens/s"
     )
     print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
