@@ -102,7 +102,12 @@ class LLM:
             placement=layout,
             cache_slots=cache_slots,
         )
-        for line in plan.report(self.max_model_len).splitlines():
+        plain = None
+        if layout:
+            plain = plan_memory(
+                self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs
+            )
+        for line in plan.report(self.max_model_len, plain).splitlines():
             logger.info("%s", line)
         self._request_ids = itertools.count()
         if data_parallel_size == 1:

@@ -111,21 +111,35 @@ class MemoryPlan:
     def kv_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def report(self, max_model_len: int) -> str:
-        rows = [(f"weights: {part}", n) for part, n in self.weights.items() if n]
-        rows += [
-            ("activation workspace", self.workspace),
-            ("KV cache", self.kv_bytes),
-            ("unused (less than a block)", self.budget - self.weight_total - self.workspace - self.kv_bytes),
-            ("budget", self.budget),
+    def rows(self) -> dict[str, int]:
+        rows = {f"weights: {part}": n for part, n in self.weights.items() if n}
+        rows["activation workspace"] = self.workspace
+        rows["KV cache"] = self.kv_bytes
+        rows["unused (less than a block)"] = self.budget - self.weight_total - self.workspace - self.kv_bytes
+        rows["budget"] = self.budget
+        return rows
+
+    def report(self, max_model_len: int, plain: MemoryPlan | None = None) -> str:
+        """vLLM's two lines and a breakdown; beside plain DP's for the same budget when given."""
+        columns = [plain, self] if plain else [self]
+        tables = [c.rows() for c in columns]
+        names = list(dict.fromkeys(name for t in reversed(tables) for name in t))  # this plan's order
+        width = max(map(len, names))
+        lines = [
+            f"  {name:<{width}}" + "".join(f"  {format_bytes(t.get(name, 0)):>12}" for t in tables)
+            for name in names
         ]
-        width = max(len(name) for name, _ in rows)
-        table = "\n".join(f"  {name:<{width}}  {format_bytes(n):>12}" for name, n in rows)
+        lines.append(f"  {'KV tokens':<{width}}" + "".join(f"  {c.kv_tokens:>12,}" for c in columns))
+        heading = "Memory per replica:"
+        if plain:
+            heading = (
+                f"Memory per replica, plain DP beside SiDP ({self.kv_tokens / plain.kv_tokens:.2f}x KV):"
+            )
+            lines.insert(0, f"  {'':<{width}}  {'plain DP':>12}  {'SiDP':>12}")
         return (
             f"KV cache size: {self.kv_tokens:,} tokens\n"
             f"Maximum concurrency for {max_model_len:,} tokens per request: "
-            f"{self.kv_tokens / max_model_len:.2f}x\n"
-            f"Memory per replica:\n{table}"
+            f"{self.kv_tokens / max_model_len:.2f}x\n" + "\n".join([heading, *lines])
         )
 
 

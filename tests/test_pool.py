@@ -65,3 +65,13 @@ def test_sidp_capacity_at_twice_the_weights():
     dp = plan_memory(SMOLLM2, torch.bfloat16, 2 * weights, 16, 2048, 256)
     sidp = plan_memory(SMOLLM2, torch.bfloat16, 2 * weights, 16, 2048, 256, mlp_layers=15, cache_slots=2)
     assert sidp.kv_tokens / dp.kv_tokens >= 1.25
+
+
+def test_start_up_table_sets_sidp_beside_plain_dp():
+    args = (SMOLLM2, torch.bfloat16, 600 * 2**20, 16, 2048, 256)
+    dp, sidp = plan_memory(*args), plan_memory(*args, mlp_layers=15, cache_slots=2)
+    text = sidp.report(8192, dp)
+    assert f"KV cache size: {sidp.kv_tokens:,} tokens" in text
+    assert f"({sidp.kv_tokens / dp.kv_tokens:.2f}x KV)" in text
+    kv_row = next(line for line in text.splitlines() if line.strip().startswith("KV tokens"))
+    assert kv_row.split()[-2:] == [f"{dp.kv_tokens:,}", f"{sidp.kv_tokens:,}"]
