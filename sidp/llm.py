@@ -241,6 +241,8 @@ class LLM:
             finished = self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
         finally:
             bar.close()
+        for counters in getattr(self._backend, "counters", {}).values():
+            logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items()))
         first_id = next(self._request_ids)
         self._request_ids = itertools.count(first_id + len(finished))
         return [

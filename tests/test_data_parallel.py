@@ -38,6 +38,10 @@ def test_replicas_equal_transformers(tiny_model, family, size, sharing, placemen
         outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts, 12)
         assert [o.prompt_token_ids for o in outputs] == prompts
+        counters = llm._backend.counters
+        assert sum(c["steps"] for c in counters.values()) > 0
+        if sharing == "sidp":  # every replica that served had to borrow the layers it does not own
+            assert all(c["was_bytes_fetched"] > 0 for c in counters.values())
         again = llm.generate(prompts[:2], GREEDY, use_tqdm=False)  # the group serves call after call
         assert [o.request_id for o in again] == [str(len(prompts)), str(len(prompts) + 1)]
     finally:

@@ -31,6 +31,7 @@ class ReplicaGroup:
         # shared tensors as file descriptors, so a pool segment dies with its last holder.
         ctx = mp.get_context("spawn")
         size = len(plans)
+        self.counters: dict[int, dict] = {}  # replica -> its latest cumulative figures
         self.requests = ctx.Queue()
         self.results = ctx.Queue()
         self.controls = controls = [ctx.Queue() for _ in range(size)]
@@ -72,7 +73,8 @@ class ReplicaGroup:
                 self.requests.put((seq_id, token_ids, params))
             finished: list[FinishedRequest | None] = [None] * len(requests)
             for _ in requests:
-                kind, done = self._next()
+                _, (done, counters) = self._next()
+                self.counters[counters["replica"]] = counters
                 finished[done.seq_id] = done
                 on_finish(done)
             return finished

@@ -21,6 +21,7 @@ from sidp.memory import MemoryPlan
 from sidp.model.checkpoint import open_checkpoint
 from sidp.model.spec import ModelSpec
 from sidp.pool.provider import load_owned, pooled_mlps
+from sidp.pool.weight_cache import WeightCache
 
 STOP = None
 IDLE_POLL_S = 1.0  # how often an idle replica checks that its driver is still alive
@@ -41,26 +42,34 @@ def replica_main(
     torch.set_num_threads(threads)
     driver = os.getppid()
     try:
-        engine = LLMEngine(config, spec, plan, _join_pool(rank, config, results, control))
+        mlps, cache = _join_pool(rank, config, results, control)
+        engine = LLMEngine(config, spec, plan, mlps)
         results.put(("ready", rank))
         while True:
             if not _pull(engine, requests, driver):
                 return
             if engine.has_work():
                 for done in engine.step():
-                    results.put(("done", done))
+                    results.put(("done", (done, _counters(rank, engine, cache))))
     except Exception:
         results.put(("error", (rank, traceback.format_exc())))
 
 
-def _join_pool(rank: int, config: EngineConfig, results, control) -> list | None:
+def _join_pool(rank: int, config: EngineConfig, results, control) -> tuple[list | None, WeightCache | None]:
     """Load the layers this replica owns, publish them, and map everyone's: the group's MLPs."""
     if config.placement is None:
-        return None
+        return None, None
     owned = load_owned(open_checkpoint(config.model), config.placement.owned_by(rank), config.dtype)
     results.put(("owned", owned))
-    mlps, _ = pooled_mlps(config.placement, rank, control.get(), config.cache_slots)
-    return mlps
+    return pooled_mlps(config.placement, rank, control.get(), config.cache_slots)
+
+
+def _counters(rank: int, engine: LLMEngine, cache: WeightCache | None) -> dict:
+    """Cumulative figures sent with each result, so the driver's latest copy is current when a call ends."""
+    counters = {"replica": rank, "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions}
+    if cache is not None:
+        counters.update(was_bytes_fetched=cache.bytes_fetched, was_wait_s=round(cache.wait_s, 3))
+    return counters
 
 
 def _pull(engine: LLMEngine, requests, driver: int) -> bool:
