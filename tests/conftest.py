@@ -32,8 +32,8 @@ COMMON = dict(
 
 FAMILIES = {
     # Llama carries Llama-3.1's rope scaling so that path is checked against transformers too.
-    "llama": lambda tied: LlamaConfig(
-        **COMMON,
+    "llama": lambda tied, layers: LlamaConfig(
+        **{**COMMON, "num_hidden_layers": layers},
         tie_word_embeddings=tied,
         rope_theta=10000.0,
         rope_scaling={
@@ -44,8 +44,12 @@ FAMILIES = {
             "original_max_position_embeddings": 64,
         },
     ),
-    "qwen2": lambda tied: Qwen2Config(**COMMON, tie_word_embeddings=tied, rope_theta=1000000.0),
-    "qwen3": lambda tied: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=tied, rope_theta=1000000.0),
+    "qwen2": lambda tied, layers: Qwen2Config(
+        **{**COMMON, "num_hidden_layers": layers}, tie_word_embeddings=tied, rope_theta=1000000.0
+    ),
+    "qwen3": lambda tied, layers: Qwen3Config(
+        **{**COMMON, "num_hidden_layers": layers}, head_dim=32, tie_word_embeddings=tied, rope_theta=1000000.0
+    ),
 }
 
 
@@ -67,9 +71,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(path: Path, family: str, tied: bool) -> Path:
+def build_tiny_model(path: Path, family: str, tied: bool, layers: int = 3) -> Path:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](tied), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](tied, layers), dtype=torch.float32)
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path
@@ -77,15 +81,14 @@ def build_tiny_model(path: Path, family: str, tied: bool) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """tiny_model(family, tied=False) → folder of a saved random checkpoint (cached per session)."""
-    built: dict[tuple[str, bool], Path] = {}
+    """tiny_model(family, tied=False, layers=3) → folder of a saved random checkpoint (cached per session)."""
+    built: dict[tuple[str, bool, int], Path] = {}
 
-    def get(family: str, tied: bool = False) -> Path:
-        key = (family, tied)
+    def get(family: str, tied: bool = False, layers: int = 3) -> Path:
+        key = (family, tied, layers)
         if key not in built:
-            built[key] = build_tiny_model(
-                tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}"), family, tied
-            )
+            folder = tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}-{layers}")
+            built[key] = build_tiny_model(folder, family, tied, layers)
         return built[key]
 
     return get

@@ -19,10 +19,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 @pytest.mark.parametrize(
     ("sharing", "placement"), [("none", "round_robin"), ("sidp", "round_robin"), ("sidp", "contiguous")]
 )
-@pytest.mark.parametrize(("family", "size"), [("llama", 2), ("qwen2", 3), ("qwen3", 2)])
-def test_replicas_equal_transformers(tiny_model, family, size, sharing, placement):
-    """Plain DP and SiDP weight-as-a-service, N=2 and N=3, chunked prefill in play."""
-    path = tiny_model(family)
+@pytest.mark.parametrize(("family", "size", "layers"), [("llama", 2, 3), ("qwen2", 3, 4), ("qwen3", 2, 3)])
+def test_replicas_equal_transformers(tiny_model, family, size, layers, sharing, placement):
+    """Plain DP and SiDP weight-as-a-service, N=2 and N=3, layer counts N does not divide, chunked prefill."""
+    path = tiny_model(family, layers=layers)
     prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
     llm = LLM(
         path,
