@@ -85,6 +85,9 @@ def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model,
         llm.generate(["a"], GREEDY, use_tqdm=False)
     del llm, replicas, victim, outcome  # Process objects and tracebacks keep the queues alive
     gc.collect()
+    deadline = time.monotonic() + 5  # a queue's feeder thread lets go of its semaphores as it exits
+    while not set(os.listdir("/dev/shm")) <= shm_before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert set(os.listdir("/dev/shm")) <= shm_before
 
 
