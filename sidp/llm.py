@@ -6,7 +6,6 @@ nothing), hands token ids to the engine, and detokenizes the results back in inp
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import time
@@ -75,18 +74,22 @@ class LLM:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
         layout = Placement.build(self.spec.num_layers, data_parallel_size, placement) if pooled else None
-        plans = [
-            plan_memory(
-                self.spec,
-                torch_dtype,
-                budget,
-                block_size,
-                max_num_batched_tokens,
-                max_num_seqs,
-                *((len(layout.owned_by(rank)), cache_slots) if layout else ()),
-            )
-            for rank in range(data_parallel_size)
-        ]
+        plain = plan_memory(self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs)
+        plans = [plain] * data_parallel_size
+        if layout:
+            plans = [
+                plan_memory(
+                    self.spec,
+                    torch_dtype,
+                    budget,
+                    block_size,
+                    max_num_batched_tokens,
+                    max_num_seqs,
+                    mlp_layers=len(layout.owned_by(rank)),
+                    cache_slots=cache_slots,
+                )
+                for rank in range(data_parallel_size)
+            ]
         plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         config = EngineConfig(
@@ -102,14 +105,9 @@ class LLM:
             placement=layout,
             cache_slots=cache_slots,
         )
-        plain = None
-        if layout:
-            plain = plan_memory(
-                self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs
-            )
-        for line in plan.report(self.max_model_len, plain).splitlines():
+        for line in plan.report(self.max_model_len, plain if layout else None).splitlines():
             logger.info("%s", line)
-        self._request_ids = itertools.count()
+        self._next_request_id = 0
         if data_parallel_size == 1:
             self.engine = LLMEngine(config, self.spec, plan)
             self._backend = self.engine
@@ -243,8 +241,7 @@ class LLM:
             bar.close()
         for counters in getattr(self._backend, "counters", {}).values():
             logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items()))
-        first_id = next(self._request_ids)
-        self._request_ids = itertools.count(first_id + len(finished))
+        first_id, self._next_request_id = self._next_request_id, self._next_request_id + len(finished)
         return [
             self._output(str(first_id + i), done, text, ids)
             for i, (done, text, ids) in enumerate(zip(finished, texts, token_lists, strict=True))

@@ -161,12 +161,13 @@ def plan_memory(
         weights["mlp cache slots"] = per_layer * cache_slots
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
-    free = budget - sum(weights.values()) - workspace
+    held = sum(weights.values())
+    free = budget - held - workspace
     if free < block_bytes:
-        need = sum(weights.values()) + workspace + block_bytes
+        need = held + workspace + block_bytes
         raise SidpError(
             f"memory_per_replica={format_bytes(budget)} cannot hold this model: weights take "
-            f"{format_bytes(sum(weights.values()))} and the step workspace {format_bytes(workspace)}; "
+            f"{format_bytes(held)} and the step workspace {format_bytes(workspace)}; "
             f"give at least {need:,} bytes ({format_bytes(need)}), plus room for the KV cache."
         )
     return MemoryPlan(budget, weights, workspace, block_size, block_bytes, free // block_bytes)

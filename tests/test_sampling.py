@@ -65,11 +65,15 @@ def test_top_k_one_is_greedy(llm):
     assert top1 == greedy
 
 
-def test_stop_token_ends_request(llm):
+def greedy_continuation(llm) -> tuple[list[int], list[int]]:
+    """A fixed prompt and its 20 greedy tokens, stop conditions off."""
     prompt = random_prompts([12], seed=9)[0]
-    full = ids(
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    )[0]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    return prompt, ids(llm.generate([prompt], params, use_tqdm=False))[0]
+
+
+def test_stop_token_ends_request(llm):
+    prompt, full = greedy_continuation(llm)
     stop = full[6]
     out = llm.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]), use_tqdm=False
@@ -79,10 +83,7 @@ def test_stop_token_ends_request(llm):
 
 
 def test_eos_stops_unless_ignored(llm):
-    prompt = random_prompts([12], seed=9)[0]
-    full = ids(
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    )[0]
+    prompt, full = greedy_continuation(llm)
     eos = full[4]
     saved = llm.engine.config.eos_token_ids
     llm.engine.config.eos_token_ids = (eos,)

@@ -33,21 +33,23 @@ class WeightCache:
         position = 0
         while True:
             self._free.acquire()
-            slot = self.slots[position % len(self.slots)]
-            for target, source in zip(slot, self.peers[self.order[position % len(self.order)]], strict=True):
+            index = position % len(self.slots)
+            for target, source in zip(
+                self.slots[index], self.peers[self.order[position % len(self.order)]], strict=True
+            ):
                 target.copy_(source)
                 self.bytes_fetched += source.nbytes
-            self._filled[position % len(self.slots)].release()
+            self._filled[index].release()
             position += 1
 
     def acquire(self, layer: int) -> Weights:
         """The weights of `layer`, which must be the next remote layer in order; blocks until copied."""
-        position = self._next_use
-        assert self.order[position % len(self.order)] == layer, "remote layers used out of order"
+        assert self.order[self._next_use % len(self.order)] == layer, "remote layers used out of order"
+        index = self._next_use % len(self.slots)
         started = time.perf_counter()
-        self._filled[position % len(self.slots)].acquire()
+        self._filled[index].acquire()
         self.wait_s += time.perf_counter() - started
-        return self.slots[position % len(self.slots)]
+        return self.slots[index]
 
     def release(self) -> None:
         self._next_use += 1
