@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
-from sidp.pool.placement import Placement
+from sidp.pool.placement import Placement, parse_parts
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dp", type=int, default=1, help="also show who owns what in a SiDP group of this size"
     )
     info.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
+    info.add_argument("--pooled-parts", default="mlp", help="pooled parts: mlp, attn, embed (mlp)")
     info.set_defaults(func=cmd_info)
 
     from sidp.bench import throughput
@@ -196,21 +197,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'total':<12} {format_bytes(total):>12}")
     print(f"KV cache         {format_bytes(spec.kv_bytes_per_token(dtype.itemsize))} per token")
     if args.dp > 1:
-        print_placement(spec, dtype, parts, Placement.build(spec.num_layers, args.dp, args.placement))
+        pooled = parse_parts(args.pooled_parts)
+        print_placement(spec, dtype, total, Placement.build(spec.num_layers, args.dp, args.placement), pooled)
 
 
-def print_placement(spec, dtype, parts: dict[str, int], placement) -> None:
-    from sidp.memory import format_bytes, layer_weight_bytes
+def print_placement(spec, dtype, plain_total: int, placement, pooled: frozenset[str]) -> None:
+    """Per replica: what it owns and the weight bytes it holds (owned + replicated; no cache slots)."""
+    from sidp.memory import format_bytes, pooled_weights
+    from sidp.pool.placement import pool_share
 
-    mlp = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
-    replicated = sum(parts.values()) - parts["mlp"]
-    print(f"SiDP group of {placement.size} ({spec.num_layers} MLPs pooled), weights each replica holds:")
+    print(f"SiDP group of {placement.size}, pooling {', '.join(sorted(pooled))}; weights each replica holds:")
     for rank in range(placement.size):
         owned = placement.owned_by(rank)
-        held = replicated + mlp * len(owned)
+        share = pool_share(placement, rank, pooled, "was", 0)
+        held = sum(pooled_weights(spec, dtype, share).values())
+        extra = " + embedding" if "embed" in pooled and share.holds_embedding else ""
         print(
-            f"  replica {rank}: owns layers {_ranges(owned):<24} {format_bytes(held):>12}"
-            f"  (plain DP: {format_bytes(sum(parts.values()))})"
+            f"  replica {rank}: owns layers {_ranges(owned) + extra:<28} {format_bytes(held):>12}"
+            f"  (plain DP: {format_bytes(plain_total)})"
         )
 
 

@@ -47,4 +47,15 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     placement: Placement | None = None  # None: every replica holds every layer (plain DP)
+    pooled_parts: frozenset[str] = frozenset({"mlp"})
+    sidp_mode: str = "auto"
     cache_slots: int = 2
+    mode_probe_every: int = 0  # > 0: every k-th step also runs in the other mode, timed (benchmarks)
+
+    @property
+    def uses_was(self) -> bool:
+        return self.placement is not None and self.sidp_mode in ("was", "auto")
+
+    @property
+    def uses_cas(self) -> bool:
+        return self.placement is not None and self.sidp_mode in ("cas", "auto")

@@ -15,7 +15,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="replicas")
     parser.add_argument("--weight-sharing", choices=("none", "sidp"), default="none")
-    parser.add_argument("--sidp-mode", default="was", help="how replicas borrow layers they do not own")
+    parser.add_argument(
+        "--sidp-mode",
+        choices=("auto", "was", "cas"),
+        default="auto",
+        help="how a replica reaches layers it does not own: copy the weights (was), send the activations "
+        "(cas), or choose per step (auto)",
+    )
+    parser.add_argument(
+        "--pooled-parts", default="mlp", help="what SiDP pools, comma-separated: mlp, attn, embed (mlp)"
+    )
     parser.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
     parser.add_argument("--cache-slots", type=int, default=2, help="WaS weight cache slots per replica")
 
@@ -36,4 +45,5 @@ def llm_from_args(args: argparse.Namespace):
         sidp_mode=args.sidp_mode,
         placement=args.placement,
         cache_slots=args.cache_slots,
+        pooled_parts=args.pooled_parts,
     )

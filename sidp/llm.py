@@ -18,11 +18,12 @@ from sidp.config import EngineConfig, resolve_dtype
 from sidp.engine.group import ReplicaGroup
 from sidp.engine.llm_engine import FinishedRequest, LLMEngine
 from sidp.errors import SidpError
-from sidp.memory import default_memory_per_replica, parse_bytes, plan_memory
+from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
-from sidp.pool.placement import Placement
+from sidp.pool.member import MODES
+from sidp.pool.placement import Placement, parse_parts, pool_share
 from sidp.sampling_params import SamplingParams
 
 logger = logging.getLogger("sidp")
@@ -43,19 +44,22 @@ class LLM:
         block_size: int = 16,
         data_parallel_size: int = 1,
         weight_sharing: str = "none",
-        sidp_mode: str = "was",
+        sidp_mode: str = "auto",
         placement: str = "round_robin",
         cache_slots: int = 2,
+        pooled_parts: str = "mlp",
+        mode_probe_every: int = 0,
     ):
         _configure_logging()
         if data_parallel_size < 1:
             raise SidpError(f"data_parallel_size must be at least 1, got {data_parallel_size}.")
         if weight_sharing not in ("none", "sidp"):
             raise SidpError(f"weight_sharing must be 'none' (plain DP) or 'sidp', got {weight_sharing!r}.")
-        if weight_sharing == "sidp" and sidp_mode != "was":
-            raise SidpError(f"sidp_mode={sidp_mode!r} is not available yet; this build has 'was'.")
+        if sidp_mode not in MODES:
+            raise SidpError(f"sidp_mode must be one of {', '.join(MODES)}, got {sidp_mode!r}.")
         if cache_slots < 1:
             raise SidpError(f"cache_slots must be at least 1, got {cache_slots}.")
+        parts = parse_parts(pooled_parts)
         pooled = weight_sharing == "sidp" and data_parallel_size > 1
         if model is None:
             from sidp.model.default_model import default_model_path
@@ -74,7 +78,14 @@ class LLM:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
         layout = Placement.build(self.spec.num_layers, data_parallel_size, placement) if pooled else None
-        plain = plan_memory(self.spec, torch_dtype, budget, block_size, max_num_batched_tokens, max_num_seqs)
+        limits = (block_size, max_num_batched_tokens, max_num_seqs)
+        try:
+            plain = plan_memory(self.spec, torch_dtype, budget, *limits)
+        except SidpError:
+            if not layout:
+                raise
+            plain = None  # SiDP may hold what plain DP cannot: say so beside it
+            logger.info("plain DP could not hold this model in memory_per_replica=%s", format_bytes(budget))
         plans = [plain] * data_parallel_size
         if layout:
             plans = [
@@ -82,11 +93,8 @@ class LLM:
                     self.spec,
                     torch_dtype,
                     budget,
-                    block_size,
-                    max_num_batched_tokens,
-                    max_num_seqs,
-                    mlp_layers=len(layout.owned_by(rank)),
-                    cache_slots=cache_slots,
+                    *limits,
+                    share=pool_share(layout, rank, parts, sidp_mode, cache_slots),
                 )
                 for rank in range(data_parallel_size)
             ]
@@ -103,7 +111,10 @@ class LLM:
             block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,
             placement=layout,
+            pooled_parts=parts,
+            sidp_mode=sidp_mode,
             cache_slots=cache_slots,
+            mode_probe_every=mode_probe_every,
         )
         for line in plan.report(self.max_model_len, plain if layout else None).splitlines():
             logger.info("%s", line)
@@ -112,7 +123,9 @@ class LLM:
             self.engine = LLMEngine(config, self.spec, plan)
             self._backend = self.engine
         else:
-            kind = "SiDP, MLPs pooled" if pooled else "plain data parallelism"
+            kind = (
+                f"SiDP {sidp_mode}, pooling {','.join(sorted(parts))}" if pooled else "plain data parallelism"
+            )
             logger.info("starting %d replicas (%s; above: the tightest replica)", data_parallel_size, kind)
             self._backend = ReplicaGroup(config, self.spec, plans)
 

@@ -58,14 +58,15 @@ def default_memory_per_replica(num_replicas: int = 1) -> int:
 
 
 def layer_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
+    """One decoder layer's bytes: its two poolable parts (attention projections, MLP) and its norms."""
     h = spec.hidden_size
     attn = (spec.q_size + 2 * spec.kv_size) * h + spec.q_size * h
     attn += (spec.q_size + 2 * spec.kv_size) if spec.attention_bias else 0
-    attn += 2 * spec.head_dim if spec.qk_norm else 0
+    norms = 2 * h + (2 * spec.head_dim if spec.qk_norm else 0)
     return {
         "attention": attn * dtype_bytes,
         "mlp": 3 * h * spec.intermediate_size * dtype_bytes,
-        "norms": 2 * h * dtype_bytes,
+        "norms": norms * dtype_bytes,
     }
 
 
@@ -80,6 +81,39 @@ def weight_bytes(spec: ModelSpec, dtype_bytes: int) -> dict[str, int]:
         "mlp": per_layer["mlp"] * spec.num_layers,
         "norms": per_layer["norms"] * spec.num_layers + spec.hidden_size * dtype_bytes,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class PoolShare:
+    """What one SiDP replica holds of the group's pool, for its ledger."""
+
+    parts: frozenset[str]  # pooled parts: "mlp", "attn", "embed"
+    owned_layers: int
+    holds_embedding: bool  # owns the pooled embedding / LM head
+    cache_slots: int  # WaS slots (0 where the mode never copies weights)
+    cas_peers: int  # owners it sends activations to, and requesters it serves (0 without CaS)
+
+
+def piece_bytes(spec: ModelSpec, dtype_bytes: int, parts: frozenset[str]) -> int:
+    """One layer's pooled bytes: the size of a WaS cache slot."""
+    per_layer = layer_weight_bytes(spec, dtype_bytes)
+    return per_layer["mlp"] * ("mlp" in parts) + per_layer["attention"] * ("attn" in parts)
+
+
+def pooled_weights(spec: ModelSpec, dtype: torch.dtype, share: PoolShare) -> dict[str, int]:
+    """weight_bytes for a SiDP replica: owned layers only for pooled parts, plus the pool's own buffers."""
+    from sidp.pool.cas import cas_buffer_bytes  # the pool sizes its buffers; the ledger counts them
+
+    weights = weight_bytes(spec, dtype.itemsize)
+    per_layer = layer_weight_bytes(spec, dtype.itemsize)
+    for part, row in (("mlp", "mlp"), ("attn", "attention")):
+        if part in share.parts:
+            weights[row] = per_layer[row] * share.owned_layers
+    if "embed" in share.parts and not share.holds_embedding:
+        weights["embedding"] = weights["lm_head"] = 0
+    weights["pool: WaS cache slots"] = share.cache_slots * piece_bytes(spec, dtype.itemsize, share.parts)
+    weights["pool: CaS buffers"] = cas_buffer_bytes(spec, dtype, share.cas_peers)
+    return weights
 
 
 def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, max_tokens: int, max_seqs: int) -> int:
@@ -112,7 +146,11 @@ class MemoryPlan:
         return self.num_blocks * self.block_size
 
     def rows(self) -> dict[str, int]:
-        rows = {f"weights: {part}": n for part, n in self.weights.items() if n}
+        rows = {
+            part if part.startswith("pool") else f"weights: {part}": n
+            for part, n in self.weights.items()
+            if n
+        }
         rows["activation workspace"] = self.workspace
         rows["KV cache"] = self.kv_bytes
         rows["unused (less than a block)"] = self.budget - self.weight_total - self.workspace - self.kv_bytes
@@ -150,15 +188,10 @@ def plan_memory(
     block_size: int,
     max_num_batched_tokens: int,
     max_num_seqs: int,
-    mlp_layers: int | None = None,
-    cache_slots: int = 0,
+    share: PoolShare | None = None,
 ) -> MemoryPlan:
-    """mlp_layers: how many layers' MLPs this replica holds (all unless pooled); cache_slots: WaS slots."""
-    weights = weight_bytes(spec, dtype.itemsize)
-    if mlp_layers is not None:
-        per_layer = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
-        weights["mlp"] = per_layer * mlp_layers
-        weights["mlp cache slots"] = per_layer * cache_slots
+    """share: what this replica holds of a SiDP pool (None: the whole model, plain DP)."""
+    weights = pooled_weights(spec, dtype, share) if share else weight_bytes(spec, dtype.itemsize)
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     held = sum(weights.values())

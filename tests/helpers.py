@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sidp.memory import weight_bytes, workspace_bytes
+from sidp.memory import PoolShare, pooled_weights, weight_bytes, workspace_bytes
 from sidp.model.checkpoint import read_config
 from sidp.model.spec import ModelSpec
 
@@ -40,10 +40,14 @@ def budget_for_blocks(
     dtype: torch.dtype = torch.float32,
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
+    shares: list[PoolShare] | None = None,
 ) -> int:
-    """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace."""
+    """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace
+    (in the tightest replica of a SiDP group, given each replica's share of the pool)."""
     spec = ModelSpec.from_hf_config(read_config(path))
     fixed = sum(weight_bytes(spec, dtype.itemsize).values())
+    if shares:
+        fixed = max(sum(pooled_weights(spec, dtype, share).values()) for share in shares)
     fixed += workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
     return fixed + num_blocks * spec.kv_bytes_per_token(dtype.itemsize) * block_size
 

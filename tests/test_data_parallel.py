@@ -9,47 +9,89 @@ import threading
 import time
 
 import pytest
-from helpers import hf_greedy, random_prompts
+from helpers import budget_for_blocks, hf_greedy, random_prompts
 
 from sidp import LLM, SamplingParams, SidpError
+from sidp.model.checkpoint import read_config
+from sidp.pool.placement import Placement, parse_parts, pool_share
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.parametrize(
-    ("sharing", "placement"), [("none", "round_robin"), ("sidp", "round_robin"), ("sidp", "contiguous")]
-)
-@pytest.mark.parametrize(("family", "size", "layers"), [("llama", 2, 3), ("qwen2", 3, 4), ("qwen3", 2, 3)])
-def test_replicas_equal_transformers(tiny_model, family, size, layers, sharing, placement):
-    """Plain DP and SiDP weight-as-a-service, N=2 and N=3, layer counts N does not divide, chunked prefill."""
-    path = tiny_model(family, layers=layers)
-    prompts = random_prompts([5, 40, 17, 100, 3, 33, 8, 61])
-    llm = LLM(
+MODES = [("none", "auto"), ("sidp", "was"), ("sidp", "cas"), ("sidp", "auto")]
+
+
+def group(path, size, sharing, mode, blocks=6, parts="mlp", placement="round_robin", **kwargs) -> LLM:
+    """A group whose tightest replica has `blocks` KV blocks, prefill chunked by 32 tokens, 3 seqs at most."""
+    shares = None
+    if sharing == "sidp":
+        layout = Placement.build(read_config(path)["num_hidden_layers"], size, placement)
+        shares = [pool_share(layout, rank, parse_parts(parts), mode, 2) for rank in range(size)]
+    budget = budget_for_blocks(path, blocks, max_num_batched_tokens=32, max_num_seqs=3, shares=shares)
+    return LLM(
         path,
         dtype="float32",
-        memory_per_replica="64MiB",
+        memory_per_replica=budget,
         data_parallel_size=size,
         weight_sharing=sharing,
+        sidp_mode=mode,
+        pooled_parts=parts,
         placement=placement,
         max_num_batched_tokens=32,
         max_num_seqs=3,
+        max_model_len=blocks * 16,
+        **kwargs,
     )
+
+
+# Prompts of ~40 tokens fill 3 of a replica's 6 blocks each: two running sequences both need a 4th
+# block a few tokens in, so replicas preempt; prompts are read in 32-token chunks.
+PROMPTS = random_prompts([40, 37, 45, 33, 41, 39, 44, 35, 5, 80, 42, 38, 36, 43])
+
+
+@pytest.mark.parametrize(("sharing", "mode"), MODES)
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize(("family", "layers"), [("llama", 5), ("qwen2", 4), ("qwen3", 4)])
+def test_every_mode_equals_transformers(tiny_model, family, layers, size, sharing, mode):
+    """Plain DP and SiDP was / cas / auto, N=2 and N=3 (layer counts N does not divide), with chunked
+    prefill and preemption: the same greedy tokens as transformers."""
+    path = tiny_model(family, layers=layers)
+    llm = group(path, size, sharing, mode)
     try:
-        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts, 12)
-        assert [o.prompt_token_ids for o in outputs] == prompts
-        counters = llm._backend.counters
-        assert sum(c["steps"] for c in counters.values()) > 0
-        if sharing == "sidp":  # every replica that served had to borrow the layers it does not own
-            assert all(c["was_bytes_fetched"] > 0 for c in counters.values())
-        again = llm.generate(prompts[:2], GREEDY, use_tqdm=False)  # the group serves call after call
-        assert [o.request_id for o in again] == [str(len(prompts)), str(len(prompts) + 1)]
+        outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, PROMPTS, 12)
+        assert [o.prompt_token_ids for o in outputs] == PROMPTS
+        counters = llm._backend.counters.values()
+        assert sum(c["preemptions"] for c in counters) > 0
+        for c in counters if sharing == "sidp" else ():  # each borrowed its remote layers the mode's way
+            assert c["steps_was"] + c["steps_cas"] == c["steps"] > 0
+            if mode != "auto":
+                assert c[f"steps_{mode}"] == c["steps"]
+            if mode == "cas":
+                assert c["cas_sent"] > 0 and "was_bytes_fetched" not in c
+            if mode == "was":
+                assert c["was_bytes_fetched"] > 0 and "cas_sent" not in c
+        again = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)  # the group serves call after call
+        assert [o.request_id for o in again] == [str(len(PROMPTS)), str(len(PROMPTS) + 1)]
     finally:
         llm.close()
 
 
-@pytest.mark.parametrize("sharing", ["none", "sidp"])
-def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model, sharing):
+@pytest.mark.parametrize("mode", ["was", "cas", "auto"])
+@pytest.mark.parametrize(("parts", "placement"), [("mlp,attn,embed", "contiguous"), ("attn", "round_robin")])
+def test_pooling_options_equal_transformers(tiny_model, parts, placement, mode):
+    """Attention projections and the embedding / LM head pooled too (untied: both are borrowed)."""
+    path = tiny_model("qwen2", layers=4)
+    llm = group(path, 3, "sidp", mode, parts=parts, placement=placement)
+    try:
+        outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, PROMPTS, 12)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize(("sharing", "mode"), [("none", "auto"), ("sidp", "cas"), ("sidp", "auto")])
+def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model, sharing, mode):
     shm_before = set(os.listdir("/dev/shm"))
     llm = LLM(
         tiny_model("llama"),
@@ -58,6 +100,7 @@ def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model,
         data_parallel_size=2,
         max_num_seqs=2,
         weight_sharing=sharing,
+        sidp_mode=mode,
     )
     replicas = list(llm._backend.procs)
     victim = replicas[1]

@@ -11,7 +11,7 @@ from sidp import LLM
 def held_weight_bytes(model) -> int:
     tensors = {id(t): t for t in (model.embed, model.lm_head, model.norm)}
     for layer in model.layers:
-        parts = [*vars(layer).values(), layer.mlp.gate_up, layer.mlp.down]
+        parts = [*vars(layer).values(), *layer.local.values()]
         tensors.update({id(t): t for t in parts if isinstance(t, torch.Tensor)})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -8,7 +8,8 @@ import torch
 from sidp import SidpError
 from sidp.memory import layer_weight_bytes, plan_memory
 from sidp.model.spec import ModelSpec
-from sidp.pool.placement import Placement
+from sidp.pool.cas import cas_buffer_bytes
+from sidp.pool.placement import Placement, parse_parts, pool_share
 
 SMOLLM2 = ModelSpec.from_hf_config(
     dict(
@@ -39,37 +40,62 @@ def test_every_layer_has_one_owner_and_loads_are_even(policy, layers, size):
 def test_placement_shapes():
     assert Placement.build(5, 2, "round_robin").owners == (0, 1, 0, 1, 0)
     assert Placement.build(5, 2, "contiguous").owners == (0, 0, 0, 1, 1)
+    assert Placement.build(5, 2).embed_owner == 1  # the rank with fewer layers takes the embedding
+    assert Placement.build(30, 4).embed_owner == 3
+    assert Placement.build(4, 2).embed_owner == 1
     with pytest.raises(SidpError, match="round_robin"):
         Placement.build(5, 2, "random")
+    assert parse_parts(" attn, mlp ") == {"attn", "mlp"}
+    with pytest.raises(SidpError, match="mlp, attn, embed"):
+        parse_parts("mlp,lm_head")
 
 
-@pytest.mark.parametrize("slots", [1, 2, 3])
-@pytest.mark.parametrize("size", [2, 3, 4])
-def test_kv_gained_equals_bytes_saved_minus_slots(size, slots):
-    budget = 600 * 2**20
-    args = (SMOLLM2, torch.bfloat16, budget, 16, 2048, 256)
+@pytest.mark.parametrize("mode", ["was", "cas", "auto"])
+@pytest.mark.parametrize("parts", ["mlp", "mlp,attn", "mlp,attn,embed", "attn"])
+@pytest.mark.parametrize(("size", "slots"), [(2, 2), (3, 1), (4, 3)])
+def test_kv_gained_equals_bytes_saved_minus_pool_buffers(size, slots, parts, mode):
+    """SiDP KV bytes = DP KV bytes + bytes DP replicates that this replica no longer holds
+    - WaS cache slots - CaS buffers, exactly, for every replica."""
+    args = (SMOLLM2, torch.bfloat16, 900 * 2**20, 16, 2048, 256)
     dp = plan_memory(*args)
-    mlp = layer_weight_bytes(SMOLLM2, 2)["mlp"]
+    pooled = parse_parts(parts)
+    per_layer = layer_weight_bytes(SMOLLM2, 2)
+    piece = per_layer["mlp"] * ("mlp" in pooled) + per_layer["attention"] * ("attn" in pooled)
+    placement = Placement.build(30, size)
     for rank in range(size):
-        owned = len(Placement.build(30, size).owned_by(rank))
-        sidp = plan_memory(*args, mlp_layers=owned, cache_slots=slots)
-        free_dp = dp.budget - dp.weight_total - dp.workspace
+        share = pool_share(placement, rank, pooled, mode, slots)
+        sidp = plan_memory(*args, share=share)
+        not_held = (30 - len(placement.owned_by(rank))) * piece
+        if "embed" in pooled and placement.embed_owner != rank:
+            not_held += SMOLLM2.vocab_size * SMOLLM2.hidden_size * 2
+        slot_bytes = slots * piece if mode != "cas" else 0
+        cas_bytes = cas_buffer_bytes(SMOLLM2, torch.bfloat16, size - 1) if mode != "was" else 0
+        assert sidp.weights["pool: WaS cache slots"] == slot_bytes
+        assert sidp.weights["pool: CaS buffers"] == cas_bytes
+        free_dp = dp.budget - dp.weight_total - dp.workspace  # what KV blocks are cut from
         free_sidp = sidp.budget - sidp.weight_total - sidp.workspace
-        assert free_sidp - free_dp == (30 - owned - slots) * mlp
-        assert sidp.weights["mlp cache slots"] == slots * mlp
+        assert free_sidp == free_dp + not_held - slot_bytes - cas_bytes
+
+
+def _capacity_ratio(size: int, parts: str, mode: str = "auto") -> float:
+    weights = plan_memory(SMOLLM2, torch.bfloat16, 2**40, 16, 2048, 256).weight_total
+    args = (SMOLLM2, torch.bfloat16, 2 * weights, 16, 2048, 256)
+    dp = plan_memory(*args)
+    placement = Placement.build(30, size)
+    shares = [pool_share(placement, rank, parse_parts(parts), mode, 2) for rank in range(size)]
+    return min(plan_memory(*args, share=share).kv_tokens for share in shares) / dp.kv_tokens
 
 
 def test_sidp_capacity_at_twice_the_weights():
-    """The issue's capacity figure: budget = 2x the bf16 weights, N=2, MLPs pooled, 2 slots."""
-    weights = plan_memory(SMOLLM2, torch.bfloat16, 2**40, 16, 2048, 256).weight_total
-    dp = plan_memory(SMOLLM2, torch.bfloat16, 2 * weights, 16, 2048, 256)
-    sidp = plan_memory(SMOLLM2, torch.bfloat16, 2 * weights, 16, 2048, 256, mlp_layers=15, cache_slots=2)
-    assert sidp.kv_tokens / dp.kv_tokens >= 1.25
+    """The issue's capacity figures (budget = 2x the bf16 weights, 2 slots, the tightest replica)."""
+    assert _capacity_ratio(2, "mlp") >= 1.25
+    assert _capacity_ratio(4, "mlp,attn,embed") >= 1.7
 
 
 def test_start_up_table_sets_sidp_beside_plain_dp():
     args = (SMOLLM2, torch.bfloat16, 600 * 2**20, 16, 2048, 256)
-    dp, sidp = plan_memory(*args), plan_memory(*args, mlp_layers=15, cache_slots=2)
+    share = pool_share(Placement.build(30, 2), 0, parse_parts("mlp"), "auto", 2)
+    dp, sidp = plan_memory(*args), plan_memory(*args, share=share)
     text = sidp.report(8192, dp)
     assert f"KV cache size: {sidp.kv_tokens:,} tokens" in text
     assert f"({sidp.kv_tokens / dp.kv_tokens:.2f}x KV)" in text

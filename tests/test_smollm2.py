@@ -57,9 +57,25 @@ def test_gguf_read_directly_equals_its_converted_folder():
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.parametrize("sharing", ["none", "sidp"])
-def test_two_replicas_know_the_capital_of_france(sharing):
-    llm = LLM(data_parallel_size=2, weight_sharing=sharing, memory_per_replica="1GiB", max_num_seqs=8)
+@pytest.mark.parametrize(
+    ("sharing", "mode", "parts"),
+    [
+        ("none", "auto", "mlp"),
+        ("sidp", "was", "mlp"),
+        ("sidp", "cas", "mlp"),
+        ("sidp", "auto", "mlp"),
+        ("sidp", "auto", "mlp,attn,embed"),
+    ],
+)
+def test_two_replicas_know_the_capital_of_france(sharing, mode, parts):
+    llm = LLM(
+        data_parallel_size=2,
+        weight_sharing=sharing,
+        sidp_mode=mode,
+        pooled_parts=parts,
+        memory_per_replica="1GiB",
+        max_num_seqs=8,
+    )
     try:
         outs = llm.chat([FRANCE] * 3, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
     finally:

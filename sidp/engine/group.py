@@ -8,6 +8,7 @@ that dies or fails stops the whole group within a second, with an error that nam
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 
 import torch
@@ -36,27 +37,43 @@ class ReplicaGroup:
         self.results = ctx.Queue()
         self.controls = controls = [ctx.Queue() for _ in range(size)]
         threads = max(1, torch.get_num_threads() // size)
+        channels = _cas_channels(ctx, size, config.uses_cas)
         self.procs = [
             ctx.Process(
                 target=replica_main,
                 name=f"sidp-replica-{rank}",
                 daemon=True,
-                args=(rank, config, spec, plans[rank], threads, self.requests, self.results, controls[rank]),
+                args=(
+                    rank,
+                    config,
+                    spec,
+                    plans[rank],
+                    threads,
+                    self.requests,
+                    self.results,
+                    controls[rank],
+                    channels[rank],
+                ),
             )
             for rank in range(size)
         ]
         for proc in self.procs:
             proc.start()
+        for clients, servers in channels.values():  # the replicas hold their ends now
+            for end in (*clients.values(), *servers.values()):
+                end.close()
         if config.placement is not None:
-            pool: dict = {}
+            pool: dict = {"layers": {}, "whole": {}, "buffers": {}}
             for _ in range(size):
-                pool.update(self._expect("owned"))
+                for key, handles in self._expect("owned").items():
+                    pool[key].update(handles)
             for control in controls:
                 control.put(pool)
         for _ in range(size):
             self._expect("ready")
 
     def _expect(self, kind: str):
+        """The next message, which must be of `kind`."""
         got, payload = self._next()
         if got != kind:
             self.close(at_once=True)
@@ -91,6 +108,11 @@ class ReplicaGroup:
                 continue
             if kind == "error":
                 rank, trace = payload
+                # A peer's death is the cause worth naming, not its echo here; give the kernel a
+                # moment to finish reaping a replica whose sockets it has already closed.
+                for _ in range(5):
+                    self._check_alive()
+                    time.sleep(0.05)
                 self.close(at_once=True)
                 raise SidpError(f"Replica {rank} failed: {trace.strip().splitlines()[-1]}")
             return kind, payload
@@ -128,3 +150,13 @@ class ReplicaGroup:
             q.close()
         self.requests = self.results = None
         self.controls = []
+
+
+def _cas_channels(ctx, size: int, wanted: bool) -> dict[int, tuple[dict, dict]]:
+    """rank -> (owner -> requester end, requester -> owner end): one socket pair per ordered pair."""
+    channels = {rank: ({}, {}) for rank in range(size)}
+    for requester in range(size if wanted else 0):
+        for owner in range(size):
+            if requester != owner:
+                channels[requester][0][owner], channels[owner][1][requester] = ctx.Pipe()
+    return channels

@@ -14,7 +14,7 @@ from sidp.engine.scheduler import Scheduler
 from sidp.engine.sequence import Sequence
 from sidp.memory import MemoryPlan
 from sidp.model.checkpoint import open_checkpoint
-from sidp.model.decoder import Decoder
+from sidp.model.decoder import Decoder, WeightPool
 from sidp.model.spec import ModelSpec
 from sidp.sampling_params import SamplingParams
 
@@ -37,10 +37,12 @@ class FinishedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, mlps: list | None = None):
+    def __init__(
+        self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, pool: WeightPool | None = None
+    ):
         self.config = config
         self.plan = plan
-        model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, mlps)
+        model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, pool)
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)

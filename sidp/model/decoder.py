@@ -1,13 +1,14 @@
 """The decoder: one implementation for Llama, Qwen2 and Qwen3, switched by ModelSpec flags.
 
 Weights are plain tensors read one by one from a Checkpoint (fused q/k/v and gate/up for fewer
-matmuls). A layer's MLP is a separate callable object: the seam where a later weight provider can
-answer with pooled weights instead of local ones without the decoder knowing.
+matmuls). A layer runs its projections through `run(op, x)`: the seam where a weight pool answers
+for the parts it pools (borrowed weights or a peer's compute) without the decoder knowing which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,45 +33,79 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return linear(F.silu(gate) * up, down)
 
 
-def read_mlp(read: Callable[[str], torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up, down) of one layer, gate and up stacked."""
-    p = f"model.layers.{index}.mlp."
-    return torch.cat([read(p + "gate_proj.weight"), read(p + "up_proj.weight")]), read(p + "down_proj.weight")
+# A layer's two poolable parts and the projections ("ops") each one runs, in the order a layer runs them.
+PART_OPS = {"attn": ("qkv", "o"), "mlp": ("mlp",)}
+OP_PART = {op: part for part, ops in PART_OPS.items() for op in ops}
+Weights = dict[str, torch.Tensor]
 
 
-class Mlp:
-    """A layer's feed-forward on weights this process holds."""
+def read_part(read: Callable[[str], torch.Tensor], spec: ModelSpec, index: int, part: str) -> Weights:
+    """One layer's attention projections (q/k/v fused) or MLP (gate/up fused), by name."""
+    p = f"model.layers.{index}."
+    if part == "mlp":
+        gate_up = torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
+        return {"gate_up": gate_up, "down": read(p + "mlp.down_proj.weight")}
+    attn = p + "self_attn."
+    weights = {"qkv": torch.cat([read(attn + f"{n}_proj.weight") for n in "qkv"])}
+    if spec.attention_bias:
+        weights["qkv_bias"] = torch.cat([read(attn + f"{n}_proj.bias") for n in "qkv"])
+    weights["o_proj"] = read(attn + "o_proj.weight")
+    return weights
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
-        self.gate_up = gate_up
-        self.down = down
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_up, self.down)
+def project(op: str, x: torch.Tensor, weights: Weights) -> torch.Tensor:
+    """Run one op on `x` with a part's weights: the only math a weight pool ever has to run."""
+    if op == "qkv":
+        return linear(x, weights["qkv"], weights.get("qkv_bias"))
+    if op == "o":
+        return linear(x, weights["o_proj"])
+    return swiglu(x, weights["gate_up"], weights["down"])
+
+
+class WeightPool(Protocol):
+    """What a decoder asks of a weight pool (see sidp.pool): the parts it serves and how each is run."""
+
+    parts: frozenset[str]  # among "attn", "mlp", "embed"
+
+    def layer(self, index: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """Runs (op, x) for layer `index`'s pooled parts, ops in the order PART_OPS lists them."""
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A pooled whole tensor ("embed", "lm_head") readable in this process."""
+
+    def step(self, num_tokens: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one forward pass of `num_tokens` rows (the pool picks how it borrows for this step)."""
 
 
 class DecoderLayer:
     def __init__(
-        self, spec: ModelSpec, read: Callable[[str], torch.Tensor], index: int, mlp: Callable | None = None
+        self,
+        spec: ModelSpec,
+        read: Callable[[str], torch.Tensor],
+        index: int,
+        pooled: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        pooled_parts: frozenset[str] = frozenset(),
     ):
         p = f"model.layers.{index}."
         self.spec = spec
         self.input_norm = read(p + "input_layernorm.weight")
         self.post_norm = read(p + "post_attention_layernorm.weight")
-        attn = p + "self_attn."
-        self.qkv = torch.cat([read(attn + f"{n}_proj.weight") for n in "qkv"])
-        self.qkv_bias = (
-            torch.cat([read(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.attention_bias else None
-        )
-        self.o_proj = read(attn + "o_proj.weight")
-        self.q_norm = read(attn + "q_norm.weight") if spec.qk_norm else None
-        self.k_norm = read(attn + "k_norm.weight") if spec.qk_norm else None
-        self.mlp: Callable[[torch.Tensor], torch.Tensor] = mlp or Mlp(*read_mlp(read, index))
+        self.q_norm = read(p + "self_attn.q_norm.weight") if spec.qk_norm else None
+        self.k_norm = read(p + "self_attn.k_norm.weight") if spec.qk_norm else None
+        self.local: Weights = {}  # the parts this process holds for itself
+        for part in PART_OPS:
+            if part not in pooled_parts:
+                self.local.update(read_part(read, spec, index, part))
+        self.pooled = pooled
+        self.pooled_ops = frozenset(op for op, part in OP_PART.items() if part in pooled_parts)
+
+    def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        return self.pooled(op, x) if op in self.pooled_ops else project(op, x, self.local)
 
     def attention(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
         tokens = x.shape[0]
-        q, k, v = linear(x, self.qkv, self.qkv_bias).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q, k, v = self.run("qkv", x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(tokens, s.num_heads, s.head_dim)
         k = k.view(tokens, s.num_kv_heads, s.head_dim)
         v = v.view(tokens, s.num_kv_heads, s.head_dim)
@@ -79,12 +114,12 @@ class DecoderLayer:
             k = rms_norm(k, self.k_norm, s.rms_norm_eps)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, cache, batch, s.head_dim**-0.5)
-        return linear(out.view(tokens, s.q_size), self.o_proj)
+        return self.run("o", out.view(tokens, s.q_size))
 
     def __call__(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         eps = self.spec.rms_norm_eps
         x = x + self.attention(rms_norm(x, self.input_norm, eps), cos, sin, cache, batch)
-        return x + self.mlp(rms_norm(x, self.post_norm, eps))
+        return x + self.run("mlp", rms_norm(x, self.post_norm, eps))
 
 
 class Decoder:
@@ -96,25 +131,37 @@ class Decoder:
         checkpoint: Checkpoint,
         dtype: torch.dtype,
         max_positions: int,
-        mlps: list[Callable] | None = None,
+        pool: WeightPool | None = None,
     ):
-        """mlps, when given, replaces each layer's feed-forward (a weight provider's answer)."""
+        """pool, when given, serves the parts it pools; this process reads only the rest."""
 
         def read(name: str) -> torch.Tensor:
             return checkpoint.read(name, dtype)
 
         self.spec = spec
         self.compute_dtype = compute_dtype(dtype)
-        self.embed = read("model.embed_tokens.weight")
-        mlps = mlps or [None] * spec.num_layers
-        self.layers = [DecoderLayer(spec, read, i, mlps[i]) for i in range(spec.num_layers)]
+        self.pool = pool
+        parts = pool.parts if pool else frozenset()
+        if "embed" in parts:
+            self.embed, self.lm_head = pool.tensor("embed"), pool.tensor("lm_head")
+        else:
+            self.embed = read("model.embed_tokens.weight")
+            self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
+        self.layers = [
+            DecoderLayer(spec, read, i, pool.layer(i) if pool else None, parts)
+            for i in range(spec.num_layers)
+        ]
         self.norm = read("model.norm.weight")
-        self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
         self.rotary = RotaryTable(
             spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, self.compute_dtype
         )
 
     def __call__(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:
+        if self.pool is None:
+            return self._forward(input_ids, batch, caches)
+        return self.pool.step(len(input_ids), lambda: self._forward(input_ids, batch, caches))
+
+    def _forward(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:
         cos, sin = self.rotary.lookup(batch.positions)
         x = self.embed[input_ids].to(self.compute_dtype)
         for layer, cache in zip(self.layers, caches, strict=True):

@@ -1,12 +1,15 @@
-"""Placement: which replica owns each layer's pooled part (exactly one owner per layer)."""
+"""Placement: which replica owns each layer's pooled part (exactly one owner per layer), and which one
+owns the embedding / LM head when those are pooled too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from sidp.errors import SidpError
+from sidp.memory import PoolShare
 
 POLICIES = ("round_robin", "contiguous")
+PARTS = ("mlp", "attn", "embed")  # what can be pooled: MLPs, attention projections, embedding / LM head
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +29,36 @@ class Placement:
             raise SidpError(f"Unknown placement {policy!r}; use one of {', '.join(POLICIES)}.")
         return cls(owners, size)
 
+    @property
+    def embed_owner(self) -> int:
+        """The last of the ranks owning fewest layers: the embedding evens the load where it can."""
+        return min(range(self.size), key=lambda rank: (len(self.owned_by(rank)), -rank))
+
     def owned_by(self, rank: int) -> list[int]:
         return [layer for layer, owner in enumerate(self.owners) if owner == rank]
 
     def remote_for(self, rank: int) -> list[int]:
         return [layer for layer, owner in enumerate(self.owners) if owner != rank]
+
+
+def parse_parts(text: str) -> frozenset[str]:
+    """ "mlp", "mlp,attn", "mlp,attn,embed", ...: the pooled parts, checked."""
+    parts = frozenset(p.strip() for p in text.split(",") if p.strip())
+    if not parts or not parts <= set(PARTS):
+        raise SidpError(f"pooled_parts={text!r}: give a comma-separated choice of {', '.join(PARTS)}.")
+    return parts
+
+
+def pool_share(
+    placement: Placement, rank: int, parts: frozenset[str], mode: str, cache_slots: int
+) -> PoolShare:
+    """What `rank` holds of the pool in `mode`, for its memory ledger."""
+    layer_parts = parts - {"embed"}
+    borrows = bool(layer_parts and placement.remote_for(rank))
+    return PoolShare(
+        parts=parts,
+        owned_layers=len(placement.owned_by(rank)),
+        holds_embedding=placement.embed_owner == rank,
+        cache_slots=cache_slots if borrows and mode != "cas" else 0,
+        cas_peers=placement.size - 1 if layer_parts and mode != "was" else 0,
+    )

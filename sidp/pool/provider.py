@@ -1,50 +1,34 @@
-"""The weight provider: each layer's feed-forward, as owned (shared with the group) or borrowed (WaS).
-
-A replica loads only the pooled parts it owns, into memory its peers can map; after the group has
-exchanged handles, every layer's MLP becomes a callable the decoder uses without knowing which kind.
-"""
+"""Loading a replica's share of the pool: only the pooled tensors it owns, read from disk straight into
+memory its peers can map (the transport's export)."""
 
 from __future__ import annotations
 
-import torch
-
 from sidp.model.checkpoint import Checkpoint
-from sidp.model.decoder import Mlp, read_mlp, swiglu
+from sidp.model.decoder import PART_OPS, Weights, read_part
+from sidp.model.spec import ModelSpec
 from sidp.pool.placement import Placement
-from sidp.pool.weight_cache import WeightCache, Weights
+
+LAYER_PARTS = tuple(PART_OPS)  # pooled parts that live in every layer; "embed" is the other one
 
 
-def load_owned(checkpoint: Checkpoint, layers: list[int], dtype: torch.dtype) -> dict[int, Weights]:
-    """The owned layers' (gate_up, down), read from disk straight into shareable memory."""
-    owned = {}
-    for layer in layers:
-        owned[layer] = tuple(t.share_memory_() for t in read_mlp(lambda n: checkpoint.read(n, dtype), layer))
-    return owned
+def load_owned(
+    checkpoint: Checkpoint, spec: ModelSpec, placement: Placement, rank: int, parts, dtype, transport
+) -> tuple[dict[int, Weights], Weights]:
+    """(owned layer -> its pooled weights, the embedding / LM head when pooled here), all exported."""
 
+    def read(name: str):
+        return checkpoint.read(name, dtype)
 
-class BorrowedMlp:
-    """A remote layer's feed-forward on the copy the weight cache prefetched."""
-
-    def __init__(self, layer: int, cache: WeightCache):
-        self.layer = layer
-        self.cache = cache
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.cache.acquire(self.layer)
-        try:
-            return swiglu(x, gate_up, down)
-        finally:
-            self.cache.release()
-
-
-def pooled_mlps(
-    placement: Placement, rank: int, weights: dict[int, Weights], slots: int
-) -> tuple[list, WeightCache | None]:
-    """One feed-forward callable per layer for `rank`, and the weight cache serving its remote layers."""
-    remote = placement.remote_for(rank)
-    cache = WeightCache(remote, weights, slots) if remote else None
-    mlps = [
-        BorrowedMlp(layer, cache) if placement.owners[layer] != rank else Mlp(*weights[layer])
-        for layer in range(len(placement.owners))
-    ]
-    return mlps, cache
+    layers = {}
+    for layer in placement.owned_by(rank):
+        layers[layer] = {}
+        for part in LAYER_PARTS:
+            if part in parts:
+                weights = read_part(read, spec, layer, part)
+                layers[layer].update({name: transport.export(t) for name, t in weights.items()})
+    whole = {}
+    if "embed" in parts and placement.embed_owner == rank:
+        embed = transport.export(read("model.embed_tokens.weight"))
+        lm_head = embed if spec.tie_word_embeddings else transport.export(read("lm_head.weight"))
+        whole = {"embed": embed, "lm_head": lm_head}
+    return layers, whole

@@ -1,8 +1,9 @@
 """WaS (weight-as-a-service): a few local slots that a background thread fills with remote layers.
 
-The remote layers are used in the same order every step, so the cache is a ring: the prefetcher
+The remote layers are used in the same order every WaS step, so the cache is a ring: the prefetcher
 copies remote layer k+1, k+2, ... into free slots while layer k computes, and wraps from the last
-remote layer of a step to the first of the next. Slots are allocated once and reused.
+remote layer of a step to the first of the next. Slots are allocated once and reused. A step served
+another way (CaS) leaves the ring where it is: the slots stay filled for the next WaS step.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ import time
 
 import torch
 
-Weights = tuple[torch.Tensor, ...]
+from sidp.model.decoder import Weights
 
 
 class WeightCache:
-    def __init__(self, order: list[int], peers: dict[int, Weights], slots: int):
+    def __init__(self, order: list[int], peers: dict[int, Weights], slots: int, copy_into):
         self.order = order  # remote layers, in the order the forward pass uses them
         self.peers = peers  # layer -> the owner's tensors, mapped into this process
-        first = peers[order[0]]
-        self.slots = [tuple(torch.empty_like(t) for t in first) for _ in range(slots)]
+        self.copy_into = copy_into  # the transport's copy from a peer view into a slot
+        self.slots = [{n: torch.empty_like(t) for n, t in peers[order[0]].items()} for _ in range(slots)]
         self._free = threading.Semaphore(slots)
         self._filled = [threading.Semaphore(0) for _ in range(slots)]
         self._next_use = 0
         self.bytes_fetched = 0
         self.wait_s = 0.0
+        self.last_copy_s = 0.0  # how long the latest layer took to copy, as the run goes
         self._thread = threading.Thread(target=self._prefetch, name="sidp-was-prefetch", daemon=True)
         self._thread.start()
 
@@ -34,11 +36,12 @@ class WeightCache:
         while True:
             self._free.acquire()
             index = position % len(self.slots)
-            for target, source in zip(
-                self.slots[index], self.peers[self.order[position % len(self.order)]], strict=True
-            ):
-                target.copy_(source)
-                self.bytes_fetched += source.nbytes
+            source = self.peers[self.order[position % len(self.order)]]
+            started = time.perf_counter()
+            for name, target in self.slots[index].items():
+                self.copy_into(target, source[name])
+                self.bytes_fetched += target.nbytes
+            self.last_copy_s = time.perf_counter() - started
             self._filled[index].release()
             position += 1
 
