@@ -29,10 +29,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--cache-slots", type=int, default=2, help="WaS weight cache slots per replica")
 
 
-def llm_from_args(args: argparse.Namespace):
+def llm_from_args(args: argparse.Namespace, **overrides):
+    """The LLM the options describe; `overrides` replace single LLM arguments (bench configurations)."""
     from sidp.llm import LLM
 
-    return LLM(
+    kwargs = dict(
         model=args.model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -46,4 +47,6 @@ def llm_from_args(args: argparse.Namespace):
         placement=args.placement,
         cache_slots=args.cache_slots,
         pooled_parts=args.pooled_parts,
+        mode_probe_every=getattr(args, "probe_every", 0),
     )
+    return LLM(**{**kwargs, **overrides})

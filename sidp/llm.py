@@ -98,9 +98,10 @@ class LLM:
                 )
                 for rank in range(data_parallel_size)
             ]
+        self.plans = plans  # per replica
         plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
-        config = EngineConfig(
+        self.config = config = EngineConfig(
             model=self.model_path,
             dtype=torch_dtype,
             max_model_len=self.max_model_len,
@@ -252,8 +253,8 @@ class LLM:
             finished = self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
         finally:
             bar.close()
-        for counters in getattr(self._backend, "counters", {}).values():
-            logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items()))
+        for counters in self.replica_counters():
+            logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items() if k != "probes"))
         first_id, self._next_request_id = self._next_request_id, self._next_request_id + len(finished)
         return [
             self._output(str(first_id + i), done, text, ids)
@@ -266,6 +267,15 @@ class LLM:
         text = self.tokenizer.decode(done.output_token_ids, skip_special_tokens=True)
         completion = CompletionOutput(0, text, done.output_token_ids, done.finish_reason, done.stop_reason)
         return RequestOutput(request_id, prompt, ids, [completion], num_cached_tokens=done.num_cached_tokens)
+
+    def replica_counters(self) -> list[dict]:
+        """Each replica's cumulative figures (steps, preemptions, SiDP mode counters), by replica."""
+        if isinstance(self._backend, LLMEngine):
+            engine = self._backend
+            return [
+                {"replica": 0, "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions}
+            ]
+        return [self._backend.counters[rank] for rank in sorted(self._backend.counters)]
 
     def close(self) -> None:
         """Stop the replicas (if any); the LLM cannot generate afterwards."""

@@ -110,3 +110,32 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Throughput: ") and lines[0].endswith(" output tokens/s")
     assert lines[1].startswith("transformers (batch size ")
+
+
+def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--model", str(tiny_model("qwen2", layers=4)), "--dtype", "float32", "--num-requests", "6"]
+        + ["--input-len", "4:40", "--output-len", "8:16", "--memory-per-replica", "64MiB", "--warmup", "1"]
+        + ["--dp", "2", "--baseline", "none", "--probe-every", "2", "--out", str(out)]
+    )
+    report = throughput.run(args)
+    results = {r["label"]: r for r in report["results"]}
+    assert list(results) == ["dp", "was", "cas", "auto"]
+    for r in results.values():
+        assert r["output_tokens_per_s"] * r["elapsed_s"] == pytest.approx(report["workload"]["output_tokens"])
+        assert len(r["kv_cache_tokens_by_replica"]) == 2 and r["kv_cache_tokens"] > 0
+        assert r["counters"]["steps"] > 0
+    assert results["dp"]["counters"]["steps_was"] == results["dp"]["counters"]["steps_cas"] == 0
+    assert results["was"]["counters"]["was_bytes_fetched"] > 0 and results["was"]["counters"]["cas_sent"] == 0
+    assert results["cas"]["counters"]["cas_sent"] > 0 and results["cas"]["counters"]["was_bytes_fetched"] == 0
+    assert results["cas"]["counters"]["cas_served"] > 0
+    probes = results["auto"]["probes"]
+    assert probes["samples"] > 0 and 0 <= probes["auto_matched_faster"] <= 1
+    assert sum(row["samples"] for row in probes["by_step_size"]) == probes["samples"]
+    text = capsys.readouterr().out
+    assert "SiDP group of 2, pooling mlp" in text and "auto chose the faster mode in" in text
+    for label in results:
+        assert f"{label}: Throughput: " in text

@@ -108,3 +108,5 @@ def test_policy_picks_cas_for_few_rows_and_was_for_many_and_learns_queueing():
         policy.observe_cas(8, 15 * (8e-5 + 1e-3))
     assert policy.request_overhead_s == pytest.approx(1e-3, rel=0.01)
     assert policy.choose(8) == "was"
+    single_slot = ModePolicy(calibration, remote_layers=15, ops_per_layer=1, slots=1)
+    assert single_slot.choose(256) == "cas"  # nothing hides the copy any more

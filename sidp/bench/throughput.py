@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sidp.bench.modes import CONFIGS, modes_table, parse_configs, probe_summary, probes_table, totals
 from sidp.bench.workload import Request, output_tokens, prompt_tokens, random_workload, rates, throughput_line
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
@@ -43,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"), help="JSON report")
     parser.add_argument("--warmup", type=int, default=4, help="requests run through sidp before timing")
+    parser.add_argument(
+        "--configs",
+        default="dp,was,cas,auto",
+        help="with --dp > 1: the group configurations run side by side (dp = plain data parallelism)",
+    )
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=0,
+        help="SiDP auto: every k-th step also runs in the other mode, both timed (checks the policy)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -51,10 +63,11 @@ def run(args: argparse.Namespace) -> dict:
     hf_batch_sizes = parse_sizes(args.hf_batch_sizes)
     if args.warmup < 0:
         raise SidpError(f"--warmup must be 0 or more, got {args.warmup}.")
+    configs = parse_configs(args.configs) if args.dp > 1 else ["sidp"]
     _prepare_out(args.out)  # fail before minutes of benchmarking, not after
     loadavg_before = os.getloadavg()
 
-    llm = llm_from_args(args)
+    llm = llm_from_args(args, **CONFIGS.get(configs[0], {}))
     avoid = set(llm.tokenizer.all_special_ids) | set(llm.spec.eos_token_ids)
     requests = random_workload(
         args.num_requests,
@@ -80,11 +93,18 @@ def run(args: argparse.Namespace) -> dict:
         else []
     )
 
-    results = [run_sidp(llm, requests, warmup, label="sidp")]
-    model_path, dtype = llm.model_path, llm.engine.config.dtype
-    del llm  # give back the KV cache before transformers loads its own copy of the model
-    gc.collect()
-    print(throughput_line(results[0]))
+    model_path, dtype = llm.model_path, llm.config.dtype
+    results = []
+    for label in configs:  # one group at a time, each on the same workload and budget
+        if llm is None:
+            llm = llm_from_args(args, **CONFIGS[label])
+        results.append(run_sidp(llm, requests, warmup, label))
+        print(
+            f"{label}: {throughput_line(results[-1])}" if len(configs) > 1 else throughput_line(results[-1])
+        )
+        llm.close()
+        llm = None  # give back the KV cache before the next configuration (or transformers) loads
+        gc.collect()
     if args.baseline == "transformers":
         results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
     base = next((r["output_tokens_per_s"] for r in results if r["engine"] == "transformers"), None)
@@ -92,6 +112,13 @@ def run(args: argparse.Namespace) -> dict:
         r["vs_transformers"] = r["output_tokens_per_s"] / base if base else None
     machine = machine_info(loadavg_before)
     print(f"\n{comparison_table(results)}\n\n{machine_line(machine)}")
+    if len(configs) > 1:
+        print(f"\nSiDP group of {args.dp}, pooling {args.pooled_parts}, budget {args.memory_per_replica}")
+        print(modes_table([r for r in results if r["engine"] == "sidp"]))
+    probed = next((r for r in results if r.get("probes")), None)
+    if probed:
+        print(f"\nprobed steps ({probed['label']}): the same step timed in both modes")
+        print(probes_table(probed["probes"]))
 
     report = {
         "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
@@ -145,7 +172,7 @@ def run_baseline(
 
 
 def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) -> dict:
-    """Warm up, then time one `generate` over the whole workload (steps and preemptions count only that)."""
+    """Warm up, then time one `generate` over the whole workload (counters cover only that)."""
     from sidp.sampling_params import SamplingParams
 
     def generate(reqs: list[Request]) -> list:
@@ -156,8 +183,7 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
     if warmup:
         logger.info("warming up with %d requests", len(warmup))
         generate(warmup)
-    engine = llm.engine
-    steps, preemptions = engine.num_steps, engine.scheduler.num_preemptions
+    before = llm.replica_counters()
     logger.info("timing %d requests", len(requests))
     started = time.perf_counter()
     outputs = generate(requests)
@@ -169,18 +195,26 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
                 f"sidp returned {got} tokens for request {i}, which asked for {r.output_len}; "
                 "throughput counted from the request would be wrong."
             )
-    return {
+    after = llm.replica_counters()
+    counters = totals(before, after)
+    result = {
         "engine": "sidp",
         "label": label,
         **rates(requests, elapsed),
-        "max_num_seqs": engine.config.max_num_seqs,
-        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
-        "prefix_caching": engine.config.enable_prefix_caching,
-        "max_model_len": engine.config.max_model_len,
-        "kv_cache_tokens": engine.plan.kv_tokens,
-        "num_steps": engine.num_steps - steps,
-        "num_preemptions": engine.scheduler.num_preemptions - preemptions,
+        "max_num_seqs": llm.config.max_num_seqs,
+        "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+        "prefix_caching": llm.config.enable_prefix_caching,
+        "max_model_len": llm.max_model_len,
+        "kv_cache_tokens": min(plan.kv_tokens for plan in llm.plans),  # per replica, the tightest
+        "kv_cache_tokens_by_replica": [plan.kv_tokens for plan in llm.plans],
+        "num_steps": counters["steps"],
+        "num_preemptions": counters["preemptions"],
+        "counters": counters,
+        "replica_counters": [{k: v for k, v in c.items() if k != "probes"} for c in after],
     }
+    if any(c.get("probes") for c in after):
+        result["probes"] = probe_summary(after)
+    return result
 
 
 def comparison_table(results: list[dict]) -> str:

@@ -5,7 +5,10 @@ times slower than float32 (measured here: 3.9 against 1.0 ms for 64Ã—576 by 576Ã
 without AVX512-BF16 or AMX). There the decoder computes in float32 (`compute_dtype`) while weights
 and KV cache stay stored in the model dtype, so the memory ledger holds: `linear` widens each weight
 into a reusable per-thread float32 scratch, chunk by chunk, and multiplies in float32 (the rounding
-of a bf16 GEMM with a float32 accumulator). A product of a few rows is cheaper narrowed instead.
+of a bf16 GEMM with a float32 accumulator). The scratch is small enough to stay in the core's L2
+cache: for 3072x576 and one thread, 4 rows take 0.50 ms with 590 KB chunks against 1.12 ms with the
+whole weight widened at once (7 MB through DRAM), 64 rows 2.1 against 2.4 ms. A single row is
+cheaper narrowed to bf16 instead (0.28 against 0.45 ms).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-MIN_ROWS_TO_WIDEN = 8  # below this, narrowing the activations beats widening the weight (measured)
-SCRATCH_ELEMENTS = 4 * 2**20  # 16 MiB of float32: one chunk of weight rows at a time
+MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening the weight (measured)
+SCRATCH_ELEMENTS = 2**17  # 512 KiB of float32: one L2-sized chunk of weight rows at a time
 
 _local = threading.local()  # one scratch per thread: weight services may run beside the steps
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.connection as mpc
 import struct
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +26,9 @@ from sidp.model.linear import compute_dtype, scratch_bytes
 from sidp.model.spec import ModelSpec
 
 CAS_ROWS = 256  # rows per round trip; larger requests go through the buffer in chunks
+# A woken service thread needs the GIL, which the owner's own step loop holds between torch calls for
+# up to the interpreter's switch interval (5 ms by default): far longer than the round trip itself.
+SWITCH_INTERVAL_S = 1e-4
 OPS = ("qkv", "o", "mlp", "ping")
 HEADER = struct.Struct("<iii")  # layer, op index, rows
 OK = b"\x01"
@@ -61,12 +65,20 @@ def cas_buffer_bytes(spec: ModelSpec, dtype: torch.dtype, peers: int) -> int:
 class CasServer:
     """The owner's side: a thread serving requests from every requester's channel until all close."""
 
-    def __init__(self, spec: ModelSpec, pieces: dict[int, Weights], channels: list[tuple]):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        pieces: dict[int, Weights],
+        channels: list[tuple],
+        cores: set[int] | None = None,
+    ):
+        """cores: where the service thread may run (best: those of the requesters, idle while they wait)."""
         self.pieces = pieces  # owned layer -> its pooled weights
         self.in_width, _ = op_widths(spec)
         self.buffers = dict(channels)  # owner end of each requester's channel -> that pair's buffer
         self.served = 0
         self.fused = 0  # requests that shared a matmul with another
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._serve, name="sidp-cas-service", daemon=True)
         self._thread.start()
 

@@ -66,7 +66,7 @@ class PoolMember:
                 transport.copy_into,
                 lambda: self.client.ping(some_owner),
             )
-            self.policy = ModePolicy(calibration, len(remote), len(self.ops))
+            self.policy = ModePolicy(calibration, len(remote), len(self.ops), cache_slots)
         use_was = mode != "cas" and remote
         self.cache = WeightCache(remote, peers, cache_slots, transport.copy_into) if use_was else None
         self.remote = set(remote)

@@ -1,7 +1,8 @@
 """Auto mode: for each step, WaS or CaS, whichever a cost model calibrated on this machine says is faster.
 
 Per remote layer, WaS costs max(compute, copy): the prefetcher copies the layer while earlier ones
-compute, so only a copy slower than the compute shows. CaS costs compute (done by the owner) plus, per
+compute, so only a copy slower than the compute shows (with a single slot nothing overlaps: compute
+plus copy). CaS costs compute (done by the owner) plus, per
 request, a round trip and whatever the owner's queue adds. Start-up calibration measures the copy of
 one layer, the pooled ops' compute time against rows, and an empty round trip; during the run the
 copy time and the per-request overhead are refined from what the steps actually saw.
@@ -78,8 +79,9 @@ def calibrate(
 
 
 class ModePolicy:
-    def __init__(self, calibration: Calibration, remote_layers: int, ops_per_layer: int):
+    def __init__(self, calibration: Calibration, remote_layers: int, ops_per_layer: int, slots: int = 2):
         self.calibration = calibration
+        self.overlap = slots > 1  # a second slot lets the next copy run under this layer's compute
         self.remote_layers = remote_layers
         self.ops_per_layer = ops_per_layer
         self.copy_s = calibration.copy_s
@@ -92,7 +94,8 @@ class ModePolicy:
         """Predicted seconds the step's remote layers cost in each mode."""
         compute = self.calibration.compute_s(rows)
         return {
-            "was": self.remote_layers * max(compute, self.copy_s),
+            "was": self.remote_layers
+            * (max(compute, self.copy_s) if self.overlap else compute + self.copy_s),
             "cas": self.remote_layers * (compute + self._requests(rows) * self.request_overhead_s),
         }
 

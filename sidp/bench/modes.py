@@ -1,0 +1,104 @@
+"""The side-by-side part of `sidp bench --dp N`: which configurations run, what each replica reported,
+and how auto's choices compare with both modes measured on the same steps (probes)."""
+
+from __future__ import annotations
+
+from sidp.errors import SidpError
+
+CONFIGS = {  # label -> LLM arguments beside the shared engine options
+    "dp": {"weight_sharing": "none"},
+    "was": {"weight_sharing": "sidp", "sidp_mode": "was"},
+    "cas": {"weight_sharing": "sidp", "sidp_mode": "cas"},
+    "auto": {"weight_sharing": "sidp", "sidp_mode": "auto"},
+}
+SUMMED = ("steps", "preemptions", "steps_was", "steps_cas", "was_bytes_fetched", "was_wait_s", "cas_sent")
+SUMMED += ("cas_wait_s", "cas_served", "cas_fused")
+BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 255), (256, 1 << 30))  # step sizes in tokens
+NEAR = 0.05  # a choice within 5% of the faster mode's time is within this machine's noise
+
+
+def parse_configs(text: str) -> list[str]:
+    labels = [c.strip() for c in text.split(",") if c.strip()]
+    if not labels or not set(labels) <= set(CONFIGS):
+        raise SidpError(f"--configs {text!r}: choose from {', '.join(CONFIGS)}, comma-separated.")
+    return labels
+
+
+def totals(before: list[dict], after: list[dict]) -> dict:
+    """The group's counters over the timed run: sums over replicas, warm-up subtracted."""
+    earlier = {c["replica"]: c for c in before}
+    out = dict.fromkeys(SUMMED, 0)
+    for c in after:
+        for key in SUMMED:
+            out[key] += c.get(key, 0) - earlier.get(c["replica"], {}).get(key, 0)
+    out["was_wait_s"] = round(out["was_wait_s"], 3)
+    out["cas_wait_s"] = round(out["cas_wait_s"], 3)
+    return out
+
+
+def probe_summary(counters: list[dict]) -> dict:
+    """Per step size: both modes' mean measured times, the faster one, and how often auto chose it."""
+    samples = [p for c in counters for p in c.get("probes", [])]
+    rows = []
+    for low, high in BUCKETS:
+        group = [p for p in samples if low <= p["tokens"] <= high]
+        if not group:
+            continue
+        was = sum(p["was_s"] for p in group) / len(group)
+        cas = sum(p["cas_s"] for p in group) / len(group)
+        rows.append(
+            {
+                "tokens": f"{low}" if low == high else f"{low}-{high}" if high < 1 << 30 else f"{low}+",
+                "samples": len(group),
+                "was_ms": round(was * 1e3, 2),
+                "cas_ms": round(cas * 1e3, 2),
+                "faster": "cas" if cas < was else "was",
+                "auto_chose_cas": sum(p["chosen"] == "cas" for p in group),
+            }
+        )
+    strict = sum(p[f"{p['chosen']}_s"] <= min(p["was_s"], p["cas_s"]) for p in samples)
+    near = sum(p[f"{p['chosen']}_s"] <= (1 + NEAR) * min(p["was_s"], p["cas_s"]) for p in samples)
+    return {
+        "samples": len(samples),
+        "auto_matched_faster": strict / len(samples) if samples else None,
+        "auto_within_5pct_of_faster": near / len(samples) if samples else None,
+        "by_step_size": rows,
+    }
+
+
+def modes_table(results: list[dict]) -> str:
+    head = (
+        f"{'config':<10} {'KV tok/replica':>15} {'vs DP':>6} {'req/s':>7} {'output tok/s':>13} {'vs DP':>6} "
+        f"{'steps was/cas':>14} {'WaS GB':>7} {'WaS wait s':>10} {'CaS sent':>9} {'fused':>6}"
+    )
+    dp = next((r for r in results if r["label"] == "dp"), None)
+    lines = [head, "-" * len(head)]
+    for r in results:
+        c = r["counters"]
+        kv_ratio = f"{r['kv_cache_tokens'] / dp['kv_cache_tokens']:.2f}x" if dp else "-"
+        speed = f"{r['output_tokens_per_s'] / dp['output_tokens_per_s']:.2f}x" if dp else "-"
+        lines.append(
+            f"{r['label']:<10} {r['kv_cache_tokens']:>15,} {kv_ratio:>6} {r['requests_per_s']:>7.2f} "
+            f"{r['output_tokens_per_s']:>13.2f} {speed:>6} {c['steps_was']:>6}/{c['steps_cas']:<7} "
+            f"{c['was_bytes_fetched'] / 1e9:>7.1f} {c['was_wait_s']:>10.2f} "
+            f"{c['cas_sent']:>9} {c['cas_fused']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def probes_table(summary: dict) -> str:
+    lines = [
+        f"{'step tokens':>11} {'samples':>8} {'WaS ms':>8} {'CaS ms':>8} {'faster':>7} {'auto chose cas':>15}"
+    ]
+    for row in summary["by_step_size"]:
+        lines.append(
+            f"{row['tokens']:>11} {row['samples']:>8} {row['was_ms']:>8.2f} {row['cas_ms']:>8.2f} "
+            f"{row['faster']:>7} {row['auto_chose_cas']:>15}"
+        )
+    if summary["samples"]:
+        lines.append(
+            f"auto chose the faster mode in {summary['auto_matched_faster']:.0%} of "
+            f"{summary['samples']} probed steps "
+            f"({summary['auto_within_5pct_of_faster']:.0%} within 5% of the faster)"
+        )
+    return "\n".join(lines)
