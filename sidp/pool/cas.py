@@ -87,7 +87,12 @@ class CasServer:
         with torch.inference_mode():
             while open_conns:
                 waiting = defaultdict(list)
-                for conn in mpc.wait(open_conns):
+                try:
+                    ready = mpc.wait(open_conns)
+                except (OSError, ValueError):  # a channel was closed in this process
+                    open_conns = [conn for conn in open_conns if not conn.closed]
+                    continue
+                for conn in ready:
                     try:
                         layer, op, rows = HEADER.unpack(conn.recv_bytes())
                     except (EOFError, OSError):  # the requester has gone
@@ -108,11 +113,11 @@ class CasServer:
                     self.buffers[conn][:rows, : out.shape[1]].copy_(part)
         except Exception as error:  # the requester raises it; the service goes on for the others
             reply = f"owner failed on layer {layer} {op}: {error!r}".encode()
+        self.served += len(requests)
+        self.fused += len(requests) if len(requests) > 1 else 0
         for conn, _ in requests:
             with contextlib.suppress(OSError):  # that requester died; its channel closes on the next wait
                 conn.send_bytes(reply)
-        self.served += len(requests)
-        self.fused += len(requests) if len(requests) > 1 else 0
 
 
 class CasClient:
