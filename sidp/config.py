@@ -48,7 +48,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     placement: Placement | None = None  # None: every replica holds every layer (plain DP)
     pooled_parts: frozenset[str] = frozenset({"mlp"})
-    sidp_mode: str = "auto"
+    sidp_mode: str = "map"
     cache_slots: int = 2
     mode_probe_every: int = 0  # > 0: every k-th step also runs in the other mode, timed (benchmarks)
 

@@ -17,10 +17,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--weight-sharing", choices=("none", "sidp"), default="none")
     parser.add_argument(
         "--sidp-mode",
-        choices=("auto", "was", "cas"),
-        default="auto",
+        choices=("auto", "was", "cas", "map"),
         help="how a replica reaches layers it does not own: copy the weights (was), send the activations "
-        "(cas), or choose per step (auto)",
+        "(cas), choose between those per step (auto), or compute on the owner's memory in place (map; "
+        "the default where the device allows it, as on CPU; else auto)",
     )
     parser.add_argument(
         "--pooled-parts", default="mlp", help="what SiDP pools, comma-separated: mlp, attn, embed (mlp)"

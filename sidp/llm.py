@@ -22,8 +22,9 @@ from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, p
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
-from sidp.pool.member import MODES
+from sidp.pool.member import MODES, default_mode
 from sidp.pool.placement import Placement, parse_parts, pool_share
+from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
 
 logger = logging.getLogger("sidp")
@@ -44,7 +45,7 @@ class LLM:
         block_size: int = 16,
         data_parallel_size: int = 1,
         weight_sharing: str = "none",
-        sidp_mode: str = "auto",
+        sidp_mode: str | None = None,
         placement: str = "round_robin",
         cache_slots: int = 2,
         pooled_parts: str = "mlp",
@@ -55,6 +56,7 @@ class LLM:
             raise SidpError(f"data_parallel_size must be at least 1, got {data_parallel_size}.")
         if weight_sharing not in ("none", "sidp"):
             raise SidpError(f"weight_sharing must be 'none' (plain DP) or 'sidp', got {weight_sharing!r}.")
+        sidp_mode = sidp_mode or default_mode(transport_for("cpu"))
         if sidp_mode not in MODES:
             raise SidpError(f"sidp_mode must be one of {', '.join(MODES)}, got {sidp_mode!r}.")
         if cache_slots < 1:

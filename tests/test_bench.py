@@ -123,7 +123,7 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
     )
     report = throughput.run(args)
     results = {r["label"]: r for r in report["results"]}
-    assert list(results) == ["dp", "was", "cas", "auto"]
+    assert list(results) == ["dp", "was", "cas", "auto", "map"]
     for r in results.values():
         assert r["output_tokens_per_s"] * r["elapsed_s"] == pytest.approx(report["workload"]["output_tokens"])
         assert len(r["kv_cache_tokens_by_replica"]) == 2 and r["kv_cache_tokens"] > 0

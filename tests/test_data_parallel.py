@@ -13,12 +13,14 @@ from helpers import budget_for_blocks, hf_greedy, random_prompts
 
 from sidp import LLM, SamplingParams, SidpError
 from sidp.model.checkpoint import read_config
+from sidp.pool.member import default_mode
 from sidp.pool.placement import Placement, parse_parts, pool_share
+from sidp.pool.transport import transport_for
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-MODES = [("none", "auto"), ("sidp", "was"), ("sidp", "cas"), ("sidp", "auto")]
+MODES = [("none", "auto"), ("sidp", "was"), ("sidp", "cas"), ("sidp", "auto"), ("sidp", "map")]
 
 
 def group(path, size, sharing, mode, blocks=6, parts="mlp", placement="round_robin", **kwargs) -> LLM:
@@ -64,20 +66,22 @@ def test_every_mode_equals_transformers(tiny_model, family, layers, size, sharin
         counters = llm._backend.counters.values()
         assert sum(c["preemptions"] for c in counters) > 0
         for c in counters if sharing == "sidp" else ():  # each borrowed its remote layers the mode's way
-            assert c["steps_was"] + c["steps_cas"] == c["steps"] > 0
+            assert c["steps_was"] + c["steps_cas"] + c["steps_map"] == c["steps"] > 0
             if mode != "auto":
                 assert c[f"steps_{mode}"] == c["steps"]
             if mode == "cas":
                 assert c["cas_sent"] > 0 and "was_bytes_fetched" not in c
             if mode == "was":
                 assert c["was_bytes_fetched"] > 0 and "cas_sent" not in c
+            if mode == "map":
+                assert "was_bytes_fetched" not in c and "cas_sent" not in c
         again = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)  # the group serves call after call
         assert [o.request_id for o in again] == [str(len(PROMPTS)), str(len(PROMPTS) + 1)]
     finally:
         llm.close()
 
 
-@pytest.mark.parametrize("mode", ["was", "cas", "auto"])
+@pytest.mark.parametrize("mode", ["was", "cas", "auto", "map"])
 @pytest.mark.parametrize(("parts", "placement"), [("mlp,attn,embed", "contiguous"), ("attn", "round_robin")])
 def test_pooling_options_equal_transformers(tiny_model, parts, placement, mode):
     """Attention projections and the embedding / LM head pooled too (untied: both are borrowed)."""
@@ -139,3 +143,27 @@ def test_bad_group_arguments(tiny_model):
         LLM(tiny_model("llama"), data_parallel_size=0)
     with pytest.raises(SidpError, match="weight_sharing"):
         LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="everything")
+    with pytest.raises(SidpError, match="sidp_mode must be one of auto, was, cas, map"):
+        LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="sidp", sidp_mode="fast")
+    with pytest.raises(SidpError, match="pooled_parts"):
+        LLM(tiny_model("llama"), data_parallel_size=2, weight_sharing="sidp", pooled_parts="lm_head")
+
+
+def test_default_mode_reads_peers_in_place_where_the_transport_maps_them(tiny_model):
+    assert default_mode(transport_for("cpu")) == "map"
+    llm = LLM(
+        tiny_model("llama"),
+        dtype="float32",
+        memory_per_replica="64MiB",
+        data_parallel_size=2,
+        weight_sharing="sidp",
+    )
+    try:
+        assert llm.config.sidp_mode == "map"
+        assert all(
+            p.weights["pool: WaS cache slots"] == p.weights["pool: CaS buffers"] == 0 for p in llm.plans
+        )
+        llm.generate(random_prompts([9, 20]), GREEDY, use_tqdm=False)
+        assert all(c["steps_map"] == c["steps"] > 0 for c in llm.replica_counters())
+    finally:
+        llm.close()

@@ -50,7 +50,7 @@ def test_placement_shapes():
         parse_parts("mlp,lm_head")
 
 
-@pytest.mark.parametrize("mode", ["was", "cas", "auto"])
+@pytest.mark.parametrize("mode", ["was", "cas", "auto", "map"])
 @pytest.mark.parametrize("parts", ["mlp", "mlp,attn", "mlp,attn,embed", "attn"])
 @pytest.mark.parametrize(("size", "slots"), [(2, 2), (3, 1), (4, 3)])
 def test_kv_gained_equals_bytes_saved_minus_pool_buffers(size, slots, parts, mode):
@@ -68,8 +68,8 @@ def test_kv_gained_equals_bytes_saved_minus_pool_buffers(size, slots, parts, mod
         not_held = (30 - len(placement.owned_by(rank))) * piece
         if "embed" in pooled and placement.embed_owner != rank:
             not_held += SMOLLM2.vocab_size * SMOLLM2.hidden_size * 2
-        slot_bytes = slots * piece if mode != "cas" else 0
-        cas_bytes = cas_buffer_bytes(SMOLLM2, torch.bfloat16, size - 1) if mode != "was" else 0
+        slot_bytes = slots * piece if mode in ("was", "auto") else 0
+        cas_bytes = cas_buffer_bytes(SMOLLM2, torch.bfloat16, size - 1) if mode in ("cas", "auto") else 0
         assert sidp.weights["pool: WaS cache slots"] == slot_bytes
         assert sidp.weights["pool: CaS buffers"] == cas_bytes
         free_dp = dp.budget - dp.weight_total - dp.workspace  # what KV blocks are cut from

@@ -64,6 +64,7 @@ def test_gguf_read_directly_equals_its_converted_folder():
         ("sidp", "was", "mlp"),
         ("sidp", "cas", "mlp"),
         ("sidp", "auto", "mlp"),
+        ("sidp", "map", "mlp"),
         ("sidp", "auto", "mlp,attn,embed"),
     ],
 )

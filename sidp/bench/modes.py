@@ -10,8 +10,10 @@ CONFIGS = {  # label -> LLM arguments beside the shared engine options
     "was": {"weight_sharing": "sidp", "sidp_mode": "was"},
     "cas": {"weight_sharing": "sidp", "sidp_mode": "cas"},
     "auto": {"weight_sharing": "sidp", "sidp_mode": "auto"},
+    "map": {"weight_sharing": "sidp", "sidp_mode": "map"},  # the CPU default
 }
-SUMMED = ("steps", "preemptions", "steps_was", "steps_cas", "was_bytes_fetched", "was_wait_s", "cas_sent")
+SUMMED = ("steps", "preemptions", "steps_was", "steps_cas", "steps_map", "was_bytes_fetched", "was_wait_s")
+SUMMED += ("cas_sent",)
 SUMMED += ("cas_wait_s", "cas_served", "cas_fused")
 BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 255), (256, 1 << 30))  # step sizes in tokens
 NEAR = 0.05  # a choice within 5% of the faster mode's time is within this machine's noise
@@ -69,17 +71,18 @@ def probe_summary(counters: list[dict]) -> dict:
 def modes_table(results: list[dict]) -> str:
     head = (
         f"{'config':<10} {'KV tok/replica':>15} {'vs DP':>6} {'req/s':>7} {'output tok/s':>13} {'vs DP':>6} "
-        f"{'steps was/cas':>14} {'WaS GB':>7} {'WaS wait s':>10} {'CaS sent':>9} {'fused':>6}"
+        f"{'steps was/cas/map':>18} {'WaS GB':>7} {'WaS wait s':>10} {'CaS sent':>9} {'fused':>6}"
     )
     dp = next((r for r in results if r["label"] == "dp"), None)
     lines = [head, "-" * len(head)]
     for r in results:
         c = r["counters"]
         kv_ratio = f"{r['kv_cache_tokens'] / dp['kv_cache_tokens']:.2f}x" if dp else "-"
+        steps = f"{c['steps_was']}/{c['steps_cas']}/{c['steps_map']}"
         speed = f"{r['output_tokens_per_s'] / dp['output_tokens_per_s']:.2f}x" if dp else "-"
         lines.append(
             f"{r['label']:<10} {r['kv_cache_tokens']:>15,} {kv_ratio:>6} {r['requests_per_s']:>7.2f} "
-            f"{r['output_tokens_per_s']:>13.2f} {speed:>6} {c['steps_was']:>6}/{c['steps_cas']:<7} "
+            f"{r['output_tokens_per_s']:>13.2f} {speed:>6} {steps:>18} "
             f"{c['was_bytes_fetched'] / 1e9:>7.1f} {c['was_wait_s']:>10.2f} "
             f"{c['cas_sent']:>9} {c['cas_fused']:>6}"
         )

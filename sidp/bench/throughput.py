@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=4, help="requests run through sidp before timing")
     parser.add_argument(
         "--configs",
-        default="dp,was,cas,auto",
+        default="dp,was,cas,auto,map",
         help="with --dp > 1: the group configurations run side by side (dp = plain data parallelism)",
     )
     parser.add_argument(

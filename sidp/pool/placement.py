@@ -59,6 +59,6 @@ def pool_share(
         parts=parts,
         owned_layers=len(placement.owned_by(rank)),
         holds_embedding=placement.embed_owner == rank,
-        cache_slots=cache_slots if borrows and mode != "cas" else 0,
-        cas_peers=placement.size - 1 if layer_parts and mode != "was" else 0,
+        cache_slots=cache_slots if borrows and mode in ("was", "auto") else 0,
+        cas_peers=placement.size - 1 if layer_parts and mode in ("cas", "auto") else 0,
     )
