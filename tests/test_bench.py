@@ -139,3 +139,19 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
     assert "SiDP group of 2, pooling mlp" in text and "auto chose the faster mode in" in text
     for label in results:
         assert f"{label}: Throughput: " in text
+
+
+def test_rounds_alternate_the_order_and_average(tiny_model, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "3", "--warmup", "0"]
+        + ["--input-len", "4:8", "--output-len", "4", "--memory-per-replica", "64MiB", "--dp", "2"]
+        + ["--configs", "dp,map", "--rounds", "2", "--baseline", "none", "--out", str(tmp_path / "b.json")]
+    )
+    report = throughput.run(args)
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if ": Throughput" in line]
+    assert printed == ["dp", "map", "map", "dp"]
+    for r in report["results"]:
+        assert len(r["rounds_output_tokens_per_s"]) == 2
+        assert r["output_tokens_per_s"] == pytest.approx(sum(r["rounds_output_tokens_per_s"]) / 2)

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --dp > 1: the group configurations run side by side (dp = plain data parallelism)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the configurations this many times, order reversed each time",
+    )
+    parser.add_argument(
         "--probe-every",
         type=int,
         default=0,
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> dict:
     hf_batch_sizes = parse_sizes(args.hf_batch_sizes)
     if args.warmup < 0:
         raise SidpError(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.rounds < 1:
+        raise SidpError(f"--rounds must be at least 1, got {args.rounds}.")
     configs = parse_configs(args.configs) if args.dp > 1 else ["sidp"]
     _prepare_out(args.out)  # fail before minutes of benchmarking, not after
     loadavg_before = os.getloadavg()
@@ -94,17 +102,18 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     model_path, dtype = llm.model_path, llm.config.dtype
-    results = []
-    for label in configs:  # one group at a time, each on the same workload and budget
-        if llm is None:
-            llm = llm_from_args(args, **CONFIGS[label])
-        results.append(run_sidp(llm, requests, warmup, label))
-        print(
-            f"{label}: {throughput_line(results[-1])}" if len(configs) > 1 else throughput_line(results[-1])
-        )
-        llm.close()
-        llm = None  # give back the KV cache before the next configuration (or transformers) loads
-        gc.collect()
+    runs: dict[str, list[dict]] = {label: [] for label in configs}
+    for round_ in range(args.rounds):  # A B C, then C B A, ...: drift in the machine hits all alike
+        for label in configs if round_ % 2 == 0 else configs[::-1]:
+            if llm is None:  # one group at a time, each on the same workload and budget
+                llm = llm_from_args(args, **CONFIGS[label])
+            runs[label].append(run_sidp(llm, requests, warmup, label))
+            line = throughput_line(runs[label][-1])
+            print(f"{label}: {line}" if len(configs) > 1 or args.rounds > 1 else line)
+            llm.close()
+            llm = None  # give back the KV cache before the next configuration (or transformers) loads
+            gc.collect()
+    results = [_mean_of_rounds(runs[label]) for label in configs]
     if args.baseline == "transformers":
         results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
     base = next((r["output_tokens_per_s"] for r in results if r["engine"] == "transformers"), None)
@@ -134,6 +143,16 @@ def run(args: argparse.Namespace) -> dict:
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return report
+
+
+def _mean_of_rounds(runs: list[dict]) -> dict:
+    """One result per configuration: rates averaged over its rounds, each round's figure kept; counters
+    and KV figures are the last round's."""
+    result = dict(runs[-1])
+    for key in ("elapsed_s", "requests_per_s", "total_tokens_per_s", "output_tokens_per_s"):
+        result[key] = sum(r[key] for r in runs) / len(runs)
+    result["rounds_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in runs]
+    return result
 
 
 def workload_stats(
