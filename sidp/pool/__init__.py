@@ -1,4 +1,5 @@
-"""SiDP's weight pool: who owns which layer's pooled part, and how the others borrow it.
+"""SiDP's weight pool: who owns which layer's pooled parts, and how the others borrow them (map, WaS,
+CaS, or auto's per-step choice between WaS and CaS).
 
-Imports nothing from the engine: any engine can drive it through the decoder's MLP seam.
+Imports nothing from the engine: any engine can drive it through the decoder's `WeightPool` seam.
 """
