@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from sidp.machine import cpu_model
 from sidp.model.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,14 +96,6 @@ def first_call_seconds() -> float:
     return time.perf_counter() - start
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -127,7 +119,7 @@ def main() -> None:
     meta = {
         "torch": torch.__version__,
         "threads": args.threads,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "first_call_s": first_call_s,
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},

@@ -11,7 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from sidp.engine_args import add_engine_arguments, llm_from_args
+from sidp.engine_args import add_engine_arguments, add_pool_arguments, llm_from_args
 from sidp.errors import SidpError
 from sidp.pool.placement import Placement, parse_parts
 
@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--dp", type=int, default=1, help="also show who owns what in a SiDP group of this size"
     )
-    info.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
-    info.add_argument("--pooled-parts", default="mlp", help="pooled parts: mlp, attn, embed (mlp)")
+    add_pool_arguments(info)
     info.set_defaults(func=cmd_info)
 
     from sidp.bench import throughput

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sidp.errors import SidpError
+from sidp.pool.modes import sends_activations
 from sidp.pool.placement import Placement
 
 _DTYPES = {
@@ -50,12 +51,8 @@ class EngineConfig:
     pooled_parts: frozenset[str] = frozenset({"mlp"})
     sidp_mode: str = "map"
     cache_slots: int = 2
-    mode_probe_every: int = 0  # > 0: every k-th step also runs in the other mode, timed (benchmarks)
-
-    @property
-    def uses_was(self) -> bool:
-        return self.placement is not None and self.sidp_mode in ("was", "auto")
+    mode_probe_every: int = 0  # > 0: every k-th step is also timed in both modes (benchmarks)
 
     @property
     def uses_cas(self) -> bool:
-        return self.placement is not None and self.sidp_mode in ("cas", "auto")
+        return self.placement is not None and sends_activations(self.sidp_mode)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from sidp.pool.modes import MODES
+from sidp.pool.placement import POLICIES
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -> None:
     parser.add_argument("--model", help="checkpoint folder or .gguf (default: embedded SmolLM2)")
@@ -17,16 +20,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--weight-sharing", choices=("none", "sidp"), default="none")
     parser.add_argument(
         "--sidp-mode",
-        choices=("auto", "was", "cas", "map"),
+        choices=MODES,
         help="how a replica reaches layers it does not own: copy the weights (was), send the activations "
         "(cas), choose between those per step (auto), or compute on the owner's memory in place (map; "
         "the default where the device allows it, as on CPU; else auto)",
     )
+    add_pool_arguments(parser)
+    parser.add_argument("--cache-slots", type=int, default=2, help="WaS weight cache slots per replica")
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """What SiDP pools and who owns it: shared with `sidp info`."""
     parser.add_argument(
         "--pooled-parts", default="mlp", help="what SiDP pools, comma-separated: mlp, attn, embed (mlp)"
     )
-    parser.add_argument("--placement", choices=("round_robin", "contiguous"), default="round_robin")
-    parser.add_argument("--cache-slots", type=int, default=2, help="WaS weight cache slots per replica")
+    parser.add_argument("--placement", choices=POLICIES, default="round_robin")
 
 
 def llm_from_args(args: argparse.Namespace, **overrides):

@@ -22,7 +22,7 @@ from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, p
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
-from sidp.pool.member import MODES, default_mode
+from sidp.pool.modes import MODES, default_mode
 from sidp.pool.placement import Placement, parse_parts, pool_share
 from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
@@ -88,9 +88,8 @@ class LLM:
                 raise
             plain = None  # SiDP may hold what plain DP cannot: say so beside it
             logger.info("plain DP could not hold this model in memory_per_replica=%s", format_bytes(budget))
-        plans = [plain] * data_parallel_size
-        if layout:
-            plans = [
+        self.plans = plans = (  # per replica
+            [
                 plan_memory(
                     self.spec,
                     torch_dtype,
@@ -100,7 +99,9 @@ class LLM:
                 )
                 for rank in range(data_parallel_size)
             ]
-        self.plans = plans  # per replica
+            if layout
+            else [plain] * data_parallel_size
+        )
         plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         self.config = config = EngineConfig(

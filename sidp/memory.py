@@ -94,10 +94,13 @@ class PoolShare:
     cas_peers: int  # owners it sends activations to, and requesters it serves (0 without CaS)
 
 
+LAYER_PART_ROWS = {"mlp": "mlp", "attn": "attention"}  # poolable part of a layer -> its ledger row
+
+
 def piece_bytes(spec: ModelSpec, dtype_bytes: int, parts: frozenset[str]) -> int:
     """One layer's pooled bytes: the size of a WaS cache slot."""
     per_layer = layer_weight_bytes(spec, dtype_bytes)
-    return per_layer["mlp"] * ("mlp" in parts) + per_layer["attention"] * ("attn" in parts)
+    return sum(per_layer[row] for part, row in LAYER_PART_ROWS.items() if part in parts)
 
 
 def pooled_weights(spec: ModelSpec, dtype: torch.dtype, share: PoolShare) -> dict[str, int]:
@@ -106,7 +109,7 @@ def pooled_weights(spec: ModelSpec, dtype: torch.dtype, share: PoolShare) -> dic
 
     weights = weight_bytes(spec, dtype.itemsize)
     per_layer = layer_weight_bytes(spec, dtype.itemsize)
-    for part, row in (("mlp", "mlp"), ("attn", "attention")):
+    for part, row in LAYER_PART_ROWS.items():
         if part in share.parts:
             weights[row] = per_layer[row] * share.owned_layers
     if "embed" in share.parts and not share.holds_embedding:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -55,3 +57,16 @@ def budget_for_blocks(
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 256) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def new_shm_entries(before: set[str], wait_s: float = 5.0) -> set[str]:
+    """What /dev/shm holds that it did not hold `before`, once it stops shrinking or wait_s passes
+    (a queue's feeder thread lets go of its semaphores as it exits)."""
+    deadline = time.monotonic() + wait_s
+    while not shm_entries() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return shm_entries() - before

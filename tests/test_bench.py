@@ -71,11 +71,15 @@ def test_parse_range_rejects(text):
         throughput.parse_range(text, "--input-len")
 
 
-def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
+def bench_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     throughput.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     out = tmp_path / "results" / "bench.json"
-    args = parser.parse_args(
+    args = bench_args(
         [
             "--model",
             str(tiny_model("llama")),
@@ -113,10 +117,8 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
 
 
 def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    throughput.add_arguments(parser)
     out = tmp_path / "bench.json"
-    args = parser.parse_args(
+    args = bench_args(
         ["--model", str(tiny_model("qwen2", layers=4)), "--dtype", "float32", "--num-requests", "6"]
         + ["--input-len", "4:40", "--output-len", "8:16", "--memory-per-replica", "64MiB", "--warmup", "1"]
         + ["--dp", "2", "--baseline", "none", "--probe-every", "2", "--out", str(out)]
@@ -142,9 +144,7 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
 
 
 def test_rounds_alternate_the_order_and_average(tiny_model, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    throughput.add_arguments(parser)
-    args = parser.parse_args(
+    args = bench_args(
         ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "3", "--warmup", "0"]
         + ["--input-len", "4:8", "--output-len", "4", "--memory-per-replica", "64MiB", "--dp", "2"]
         + ["--configs", "dp,map", "--rounds", "2", "--baseline", "none", "--out", str(tmp_path / "b.json")]

@@ -9,23 +9,14 @@ import time
 
 import pytest
 import torch
+from conftest import COMMON
 
 from sidp.model.decoder import project
 from sidp.model.spec import ModelSpec
 from sidp.pool.cas import CAS_ROWS, CasClient, CasServer, new_buffer
 from sidp.pool.policy import Calibration, ModePolicy
 
-SPEC = ModelSpec.from_hf_config(
-    dict(
-        model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-)
+SPEC = ModelSpec.from_hf_config({**COMMON, "model_type": "qwen2"})  # the tiny Qwen2 of the fixtures
 
 
 def piece() -> dict[str, torch.Tensor]:

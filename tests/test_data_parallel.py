@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-from helpers import budget_for_blocks, hf_greedy, random_prompts
+from helpers import budget_for_blocks, hf_greedy, new_shm_entries, random_prompts, shm_entries
 
 from sidp import LLM, SamplingParams, SidpError
 from sidp.model.checkpoint import read_config
-from sidp.pool.member import default_mode
+from sidp.pool.modes import default_mode
 from sidp.pool.placement import Placement, parse_parts, pool_share
 from sidp.pool.transport import transport_for
 
@@ -96,7 +96,7 @@ def test_pooling_options_equal_transformers(tiny_model, parts, placement, mode):
 
 @pytest.mark.parametrize(("sharing", "mode"), [("none", "auto"), ("sidp", "cas"), ("sidp", "auto")])
 def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model, sharing, mode):
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     llm = LLM(
         tiny_model("llama"),
         dtype="float32",
@@ -132,10 +132,7 @@ def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model,
         llm.generate(["a"], GREEDY, use_tqdm=False)
     del llm, replicas, victim, outcome  # Process objects and tracebacks keep the queues alive
     gc.collect()
-    deadline = time.monotonic() + 5  # a queue's feeder thread lets go of its semaphores as it exits
-    while not set(os.listdir("/dev/shm")) <= shm_before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert not new_shm_entries(shm_before)
 
 
 def test_bad_group_arguments(tiny_model):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import new_shm_entries, shm_entries
 
 SCRIPT = """
 import sys
@@ -38,11 +38,11 @@ def start(tmp_path, model, mode: str, max_tokens: int) -> subprocess.Popen:
 @pytest.mark.parametrize("mode", ["auto", "cas"])
 def test_normal_exit_and_ctrl_c_leave_no_segment(tiny_model, tmp_path, mode):
     model = tiny_model("llama")
-    before = set(os.listdir("/dev/shm"))
+    before = shm_entries()
     job = start(tmp_path, model, mode, 4)
     out, _ = job.communicate(timeout=120)
     assert job.returncode == 0 and out.split() == ["ready", "done"]
-    assert set(os.listdir("/dev/shm")) <= before
+    assert not new_shm_entries(before, wait_s=0)
 
     job = start(tmp_path, model, mode, 900)
     assert job.stdout.readline().strip() == "ready"
@@ -52,7 +52,4 @@ def test_normal_exit_and_ctrl_c_leave_no_segment(tiny_model, tmp_path, mode):
     job.wait(timeout=30)
     assert time.monotonic() - started < 15
     assert job.returncode != 0 and "done" not in job.stdout.read()
-    deadline = time.monotonic() + 5  # the replicas' queue feeder threads let go as they exit
-    while not set(os.listdir("/dev/shm")) <= before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert set(os.listdir("/dev/shm")) <= before
+    assert not new_shm_entries(before)

@@ -12,9 +12,10 @@ CONFIGS = {  # label -> LLM arguments beside the shared engine options
     "auto": {"weight_sharing": "sidp", "sidp_mode": "auto"},
     "map": {"weight_sharing": "sidp", "sidp_mode": "map"},  # the CPU default
 }
-SUMMED = ("steps", "preemptions", "steps_was", "steps_cas", "steps_map", "was_bytes_fetched", "was_wait_s")
-SUMMED += ("cas_sent",)
-SUMMED += ("cas_wait_s", "cas_served", "cas_fused")
+SUMMED = (  # counters summed over a group's replicas
+    *("steps", "preemptions", "steps_was", "steps_cas", "steps_map"),
+    *("was_bytes_fetched", "was_wait_s", "cas_sent", "cas_wait_s", "cas_served", "cas_fused"),
+)
 BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 255), (256, 1 << 30))  # step sizes in tokens
 NEAR = 0.05  # a choice within 5% of the faster mode's time is within this machine's noise
 

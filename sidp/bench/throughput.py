@@ -24,6 +24,7 @@ from sidp.bench.modes import CONFIGS, modes_table, parse_configs, probe_summary,
 from sidp.bench.workload import Request, output_tokens, prompt_tokens, random_workload, rates, throughput_line
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import SidpError
+from sidp.machine import cpu_model
 
 logger = logging.getLogger("sidp")
 
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe-every",
         type=int,
         default=0,
-        help="SiDP auto: every k-th step also runs in the other mode, both timed (checks the policy)",
+        help="SiDP auto: every k-th step is timed in both modes, alternately (checks the policy)",
     )
 
 
@@ -257,7 +258,7 @@ def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
     import transformers
 
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -276,17 +277,6 @@ def machine_line(m: dict) -> str:
         f"torch {m['torch']}; "
         f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
     )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_range(text: str, option: str) -> tuple[int, int]:

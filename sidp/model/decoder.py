@@ -39,6 +39,11 @@ OP_PART = {op: part for part, ops in PART_OPS.items() for op in ops}
 Weights = dict[str, torch.Tensor]
 
 
+def ops_of(parts: frozenset[str]) -> tuple[str, ...]:
+    """The ops that run on `parts`, in the order a layer runs them."""
+    return tuple(op for op, part in OP_PART.items() if part in parts)
+
+
 def read_part(read: Callable[[str], torch.Tensor], spec: ModelSpec, index: int, part: str) -> Weights:
     """One layer's attention projections (q/k/v fused) or MLP (gate/up fused), by name."""
     p = f"model.layers.{index}."
@@ -97,7 +102,7 @@ class DecoderLayer:
             if part not in pooled_parts:
                 self.local.update(read_part(read, spec, index, part))
         self.pooled = pooled
-        self.pooled_ops = frozenset(op for op, part in OP_PART.items() if part in pooled_parts)
+        self.pooled_ops = frozenset(ops_of(pooled_parts))
 
     def run(self, op: str, x: torch.Tensor) -> torch.Tensor:
         return self.pooled(op, x) if op in self.pooled_ops else project(op, x, self.local)

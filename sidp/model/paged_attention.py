@@ -8,13 +8,13 @@ $SIDP_CACHE_DIR/torch_extensions (default ~/.cache/sidp/torch_extensions), so la
 from __future__ import annotations
 
 import hashlib
-import platform
 import threading
 from pathlib import Path
 
 import torch
 
 from sidp.errors import SidpError
+from sidp.machine import cpu_features
 from sidp.paths import cache_root
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
@@ -129,16 +129,5 @@ def _build_or_load(build_dir: Path) -> None:
 def _cache_key() -> str:
     # -march=native bakes the building CPU's instruction set into the library, so a cache shared between
     # machines (NFS home, copied image) must not hand it to a CPU without those instructions (SIGILL).
-    parts = [" ".join(_CFLAGS), torch.__version__, _cpu_features()]
+    parts = [" ".join(_CFLAGS), torch.__version__, cpu_features()]
     return hashlib.sha256(_SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()[:16]
-
-
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):  # x86, arm64
-                    return platform.machine() + ":" + " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.machine() + ":" + platform.processor()

@@ -65,14 +65,7 @@ def cas_buffer_bytes(spec: ModelSpec, dtype: torch.dtype, peers: int) -> int:
 class CasServer:
     """The owner's side: a thread serving requests from every requester's channel until all close."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        pieces: dict[int, Weights],
-        channels: list[tuple],
-        cores: set[int] | None = None,
-    ):
-        """cores: where the service thread may run (best: those of the requesters, idle while they wait)."""
+    def __init__(self, spec: ModelSpec, pieces: dict[int, Weights], channels: list[tuple]):
         self.pieces = pieces  # owned layer -> its pooled weights
         self.in_width, _ = op_widths(spec)
         self.buffers = dict(channels)  # owner end of each requester's channel -> that pair's buffer

@@ -15,21 +15,13 @@ from collections.abc import Callable
 
 import torch
 
-from sidp.model.decoder import OP_PART, Weights, project
+from sidp.model.decoder import Weights, ops_of, project
 from sidp.model.linear import compute_dtype
 from sidp.pool.cas import CasClient, CasServer
+from sidp.pool.modes import copies_weights
 from sidp.pool.placement import Placement
 from sidp.pool.policy import ModePolicy, calibrate
 from sidp.pool.weight_cache import WeightCache
-
-MODES = ("auto", "was", "cas", "map")
-
-
-def default_mode(transport) -> str:
-    """In place where a peer's memory computes at local speed: that costs the compute alone, which no
-    copy (WaS) or round trip (CaS) can undercut, and needs neither slots nor buffers. Elsewhere auto."""
-    return "map" if transport.maps_peers else "auto"
-
 
 MAX_PROBES = 400  # probe samples kept per replica
 PROBE_REPEATS = 2  # runs of each mode per probed step: the best of them is its time
@@ -60,7 +52,7 @@ class PoolMember:
             raise ValueError("sidp_mode='map' needs a transport whose peer views are local memory")
         self.mode = "was" if mode == "auto" else mode
         self.auto = mode == "auto"
-        self.ops = tuple(op for op, part in OP_PART.items() if part in parts)
+        self.ops = ops_of(parts)
         self.owned = {layer: layers[layer] for layer in placement.owned_by(rank)}
         remote = placement.remote_for(rank) if self.ops else []
         self.peers = peers = {
@@ -82,7 +74,7 @@ class PoolMember:
                 lambda: self.client.ping(some_owner),
             )
             self.policy = ModePolicy(calibration, len(remote), len(self.ops), cache_slots)
-        use_was = mode in ("was", "auto") and remote
+        use_was = copies_weights(mode) and remote
         self.cache = WeightCache(remote, peers, cache_slots, transport.copy_into) if use_was else None
         self.remote = set(remote)
         self.steps = {"was": 0, "cas": 0, "map": 0}

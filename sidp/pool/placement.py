@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sidp.errors import SidpError
 from sidp.memory import PoolShare
+from sidp.pool.modes import copies_weights, sends_activations
 
 POLICIES = ("round_robin", "contiguous")
 PARTS = ("mlp", "attn", "embed")  # what can be pooled: MLPs, attention projections, embedding / LM head
@@ -59,6 +60,6 @@ def pool_share(
         parts=parts,
         owned_layers=len(placement.owned_by(rank)),
         holds_embedding=placement.embed_owner == rank,
-        cache_slots=cache_slots if borrows and mode in ("was", "auto") else 0,
-        cas_peers=placement.size - 1 if layer_parts and mode in ("cas", "auto") else 0,
+        cache_slots=cache_slots if borrows and copies_weights(mode) else 0,
+        cas_peers=placement.size - 1 if layer_parts and sends_activations(mode) else 0,
     )

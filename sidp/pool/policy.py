@@ -2,8 +2,8 @@
 
 Per remote layer, WaS costs max(compute, copy): the prefetcher copies the layer while earlier ones
 compute, so only a copy slower than the compute shows (with a single slot nothing overlaps: compute
-plus copy). CaS costs compute (done by the owner) plus, per
-request, a round trip and whatever the owner's queue adds. Start-up calibration measures the copy of
+plus copy). CaS costs compute (done by the owner) plus, per request, a round trip and whatever the
+owner's queue adds. Start-up calibration measures the copy of
 one layer, the pooled ops' compute time against rows, and an empty round trip; during the run the
 copy time and the per-request overhead are refined from what the steps actually saw.
 """
@@ -20,6 +20,7 @@ import torch
 
 from sidp.model.decoder import Weights, project
 from sidp.pool.cas import CAS_ROWS, op_widths
+from sidp.pool.weight_cache import copy_piece
 
 ROWS_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 LEARNING_RATE = 0.2  # weight of the newest observation in the running estimates
@@ -51,11 +52,6 @@ def _best_of(repeats: int, run: Callable[[], object]) -> float:
     return best
 
 
-def _copy_piece(copy_into, slot: Weights, piece: Weights) -> None:
-    for name, tensor in piece.items():
-        copy_into(slot[name], tensor)
-
-
 def _run_ops(inputs: dict[str, torch.Tensor], piece: Weights) -> None:
     for op, x in inputs.items():
         project(op, x, piece)
@@ -66,7 +62,7 @@ def calibrate(
 ) -> Calibration:
     """Measure on this machine, now: copying `piece`, running `ops` on it, and `ping()`'s round trip."""
     slot = {name: torch.empty_like(t) for name, t in piece.items()}
-    copy_s = _best_of(3, functools.partial(_copy_piece, copy_into, slot, piece))
+    copy_s = _best_of(3, functools.partial(copy_piece, copy_into, slot, piece))
     del slot
     in_width, _ = op_widths(spec)
     compute = []

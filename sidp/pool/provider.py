@@ -8,8 +8,6 @@ from sidp.model.decoder import PART_OPS, Weights, read_part
 from sidp.model.spec import ModelSpec
 from sidp.pool.placement import Placement
 
-LAYER_PARTS = tuple(PART_OPS)  # pooled parts that live in every layer; "embed" is the other one
-
 
 def load_owned(
     checkpoint: Checkpoint, spec: ModelSpec, placement: Placement, rank: int, parts, dtype, transport
@@ -22,10 +20,9 @@ def load_owned(
     layers = {}
     for layer in placement.owned_by(rank):
         layers[layer] = {}
-        for part in LAYER_PARTS:
-            if part in parts:
-                weights = read_part(read, spec, layer, part)
-                layers[layer].update({name: transport.export(t) for name, t in weights.items()})
+        for part in (p for p in PART_OPS if p in parts):  # the per-layer parts; "embed" is read below
+            weights = read_part(read, spec, layer, part)
+            layers[layer].update({name: transport.export(t) for name, t in weights.items()})
     whole = {}
     if "embed" in parts and placement.embed_owner == rank:
         embed = transport.export(read("model.embed_tokens.weight"))

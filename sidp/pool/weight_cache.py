@@ -16,12 +16,19 @@ import torch
 from sidp.model.decoder import Weights
 
 
+def copy_piece(copy_into, slot: Weights, piece: Weights) -> None:
+    """One layer's pooled weights from a peer view into a slot, tensor by tensor."""
+    for name, target in slot.items():
+        copy_into(target, piece[name])
+
+
 class WeightCache:
     def __init__(self, order: list[int], peers: dict[int, Weights], slots: int, copy_into):
         self.order = order  # remote layers, in the order the forward pass uses them
         self.peers = peers  # layer -> the owner's tensors, mapped into this process
         self.copy_into = copy_into  # the transport's copy from a peer view into a slot
         self.slots = [{n: torch.empty_like(t) for n, t in peers[order[0]].items()} for _ in range(slots)]
+        self._slot_bytes = sum(t.nbytes for t in self.slots[0].values())
         self._free = threading.Semaphore(slots)
         self._filled = [threading.Semaphore(0) for _ in range(slots)]
         self._next_use = 0
@@ -38,10 +45,9 @@ class WeightCache:
             index = position % len(self.slots)
             source = self.peers[self.order[position % len(self.order)]]
             started = time.perf_counter()
-            for name, target in self.slots[index].items():
-                self.copy_into(target, source[name])
-                self.bytes_fetched += target.nbytes
+            copy_piece(self.copy_into, self.slots[index], source)
             self.last_copy_s = time.perf_counter() - started
+            self.bytes_fetched += self._slot_bytes
             self._filled[index].release()
             position += 1
 

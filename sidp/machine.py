@@ -1,0 +1,29 @@
+"""Facts about the CPU this process runs on, read from /proc/cpuinfo where there is one."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys`, or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_features() -> str:
+    """The architecture and its sorted feature flags (x86 "flags", arm64 "Features")."""
+    flags = cpuinfo("flags", "Features")
+    if flags is None:
+        return platform.machine() + ":" + platform.processor()
+    return platform.machine() + ":" + " ".join(sorted(flags.split()))
