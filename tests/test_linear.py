@@ -16,6 +16,7 @@ from sidp.model import linear
 def test_widened_product_matches_float32(monkeypatch, chunked, rows):
     if chunked:  # 24 weight rows per chunk of a 100-row weight, in a fresh small scratch
         monkeypatch.setattr(linear, "SCRATCH_ELEMENTS", 24 * 40)
+        monkeypatch.setattr(linear, "L2_CHUNK_ELEMENTS", 24 * 40)
         monkeypatch.setattr(linear, "_local", threading.local())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, rows, 40, generator=g)

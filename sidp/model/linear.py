@@ -5,10 +5,10 @@ times slower than float32 (measured here: 3.9 against 1.0 ms for 64Ã—576 by 576Ã
 without AVX512-BF16 or AMX). There the decoder computes in float32 (`compute_dtype`) while weights
 and KV cache stay stored in the model dtype, so the memory ledger holds: `linear` widens each weight
 into a reusable per-thread float32 scratch, chunk by chunk, and multiplies in float32 (the rounding
-of a bf16 GEMM with a float32 accumulator). The scratch is small enough to stay in the core's L2
-cache: for 3072x576 and one thread, 4 rows take 0.50 ms with 590 KB chunks against 1.12 ms with the
-whole weight widened at once (7 MB through DRAM), 64 rows 2.1 against 2.4 ms. A single row is
-cheaper narrowed to bf16 instead (0.28 against 0.45 ms).
+of a bf16 GEMM with a float32 accumulator). How big a chunk depends on the product
+(`python benchmarks/matmul_dtypes.py`, 3072x576): a few rows on one thread go faster through chunks
+small enough to stay in the core's L2 cache, while many rows, or two threads, go faster through the
+largest chunks; a single row is cheaper narrowed to bf16 instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening the weight (measured)
-SCRATCH_ELEMENTS = 2**17  # 512 KiB of float32: one L2-sized chunk of weight rows at a time
+SCRATCH_ELEMENTS = 4 * 2**20  # 16 MiB of float32: the largest chunk of weight rows widened at once
+L2_CHUNK_ELEMENTS = 2**17  # 512 KiB: the chunk for few rows on one thread
+FEW_ROWS = 16
 
 _local = threading.local()  # one scratch per thread: weight services may run beside the steps
 
@@ -51,10 +53,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear for x in compute dtype and weight in storage dtype; returns x's dtype."""
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
-    if x.numel() // x.shape[-1] < MIN_ROWS_TO_WIDEN:
+    rows = x.numel() // x.shape[-1]
+    if rows < MIN_ROWS_TO_WIDEN:
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     out_features, in_features = weight.shape
-    chunk = max(1, min(out_features, SCRATCH_ELEMENTS // in_features))
+    few = rows <= FEW_ROWS and torch.get_num_threads() == 1
+    chunk = max(1, min(out_features, (L2_CHUNK_ELEMENTS if few else SCRATCH_ELEMENTS) // in_features))
     scratch = _scratch()
     parts = []
     for start in range(0, out_features, chunk):
