@@ -1,4 +1,4 @@
-"""The `sidp` command: generate (the embedded default job, prompts, or a JSONL file), info, bench.
+"""The `sidp` command: generate (the embedded default job, prompts, or a JSONL file), info, bench, plan.
 
 A mistake the user can fix ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="offline throughput on a synthetic workload, beside transformers")
     throughput.add_arguments(bench)
     bench.set_defaults(func=throughput.run)
+
+    from sidp.plan import report
+
+    plan = sub.add_parser("plan", help="KV capacity and throughput of DP and SiDP on GPU nodes, predicted")
+    report.add_arguments(plan)
+    plan.set_defaults(func=report.run)
     return parser
 
 

@@ -103,7 +103,9 @@ def piece_bytes(spec: ModelSpec, dtype_bytes: int, parts: frozenset[str]) -> int
     return sum(per_layer[row] for part, row in LAYER_PART_ROWS.items() if part in parts)
 
 
-def pooled_weights(spec: ModelSpec, dtype: torch.dtype, share: PoolShare) -> dict[str, int]:
+def pooled_weights(
+    spec: ModelSpec, dtype: torch.dtype, share: PoolShare, device: str = "cpu"
+) -> dict[str, int]:
     """weight_bytes for a SiDP replica: owned layers only for pooled parts, plus the pool's own buffers."""
     from sidp.pool.cas import cas_buffer_bytes  # the pool sizes its buffers; the ledger counts them
 
@@ -115,16 +117,18 @@ def pooled_weights(spec: ModelSpec, dtype: torch.dtype, share: PoolShare) -> dic
     if "embed" in share.parts and not share.holds_embedding:
         weights["embedding"] = weights["lm_head"] = 0
     weights["pool: WaS cache slots"] = share.cache_slots * piece_bytes(spec, dtype.itemsize, share.parts)
-    weights["pool: CaS buffers"] = cas_buffer_bytes(spec, dtype, share.cas_peers)
+    weights["pool: CaS buffers"] = cas_buffer_bytes(spec, dtype, share.cas_peers, device)
     return weights
 
 
-def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, max_tokens: int, max_seqs: int) -> int:
+def workspace_bytes(
+    spec: ModelSpec, dtype: torch.dtype, max_tokens: int, max_seqs: int, device: str = "cpu"
+) -> int:
     """Peak live activations of one layer for the largest step (in the compute dtype), float32 logits
     for every sequence, and the matmul scratch where the CPU multiplies through float32."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * compute_dtype(dtype).itemsize + 2 * h * 4
-    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch_bytes(dtype)
+    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * compute_dtype(dtype, device).itemsize + 2 * h * 4
+    return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch_bytes(dtype, device)
 
 
 @dataclass(slots=True)
@@ -192,10 +196,12 @@ def plan_memory(
     max_num_batched_tokens: int,
     max_num_seqs: int,
     share: PoolShare | None = None,
+    device: str = "cpu",
 ) -> MemoryPlan:
-    """share: what this replica holds of a SiDP pool (None: the whole model, plain DP)."""
-    weights = pooled_weights(spec, dtype, share) if share else weight_bytes(spec, dtype.itemsize)
-    workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
+    """share: what this replica holds of a SiDP pool (None: the whole model, plain DP). device: where
+    the replica computes ("cuda" when the planner sizes a GPU)."""
+    weights = pooled_weights(spec, dtype, share, device) if share else weight_bytes(spec, dtype.itemsize)
+    workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs, device)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     held = sum(weights.values())
     free = budget - held - workspace

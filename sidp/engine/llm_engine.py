@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from sidp.config import EngineConfig
 from sidp.engine.block_manager import BlockManager
 from sidp.engine.model_runner import ModelRunner
-from sidp.engine.scheduler import Scheduler
+from sidp.engine.scheduler import ScheduledStep, Scheduler
 from sidp.engine.sequence import Sequence
 from sidp.memory import MemoryPlan
 from sidp.model.checkpoint import open_checkpoint
 from sidp.model.decoder import Decoder, WeightPool
 from sidp.model.spec import ModelSpec
 from sidp.sampling_params import SamplingParams
+
+
+class StepRunner(Protocol):
+    def run(self, step: ScheduledStep) -> list[int | None]:
+        """The next token of each scheduled sequence, None where its prompt is still being read."""
 
 
 @dataclass(slots=True)
@@ -38,12 +44,21 @@ class FinishedRequest:
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, spec: ModelSpec, plan: MemoryPlan, pool: WeightPool | None = None
+        self,
+        config: EngineConfig,
+        spec: ModelSpec,
+        plan: MemoryPlan,
+        pool: WeightPool | None = None,
+        runner: StepRunner | None = None,
     ):
+        """runner: what runs a scheduled step; by default the decoder on config.model. The planner
+        passes its step-time model instead, so its predictions come from this very scheduler."""
         self.config = config
         self.plan = plan
-        model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, pool)
-        self.runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
+        if runner is None:
+            model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, pool)
+            runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
+        self.runner = runner
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_steps = 0
@@ -62,6 +77,11 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def wants_requests(self) -> bool:
+        """Room for another request: everything held is placed and a sequence slot is free."""
+        scheduler = self.scheduler
+        return not scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs
 
     def step(self) -> list[FinishedRequest]:
         """Run one step; return the requests that finished in it."""

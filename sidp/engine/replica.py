@@ -107,8 +107,7 @@ def _counters(rank: int, engine: LLMEngine, pool: PoolMember | None) -> dict:
 
 def _pull(engine: LLMEngine, requests, driver: int) -> bool:
     """Take requests while the scheduler has room for them; False when the replica should exit."""
-    scheduler = engine.scheduler
-    while not scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+    while engine.wants_requests():
         try:
             message = requests.get(block=not engine.has_work(), timeout=IDLE_POLL_S)
         except queue.Empty:

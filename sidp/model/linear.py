@@ -39,14 +39,15 @@ def native_matmul(dtype: torch.dtype) -> bool:
     return any(getattr(torch.cpu, name, lambda: True)() for name in probes)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype activations flow in: the model's own, or float32 where the CPU cannot multiply it."""
-    return dtype if native_matmul(dtype) else torch.float32
+def compute_dtype(dtype: torch.dtype, device: str = "cpu") -> torch.dtype:
+    """The dtype activations flow in: the model's own, or float32 where the CPU cannot multiply it.
+    `device`: the planner asks on behalf of a GPU, which always multiplies the model's dtype."""
+    return dtype if device != "cpu" or native_matmul(dtype) else torch.float32
 
 
-def scratch_bytes(dtype: torch.dtype) -> int:
+def scratch_bytes(dtype: torch.dtype, device: str = "cpu") -> int:
     """What widening keeps per thread, for the memory ledger."""
-    return 0 if native_matmul(dtype) else SCRATCH_ELEMENTS * 4
+    return 0 if compute_dtype(dtype, device) == dtype else SCRATCH_ELEMENTS * 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,16 +50,16 @@ def new_buffer(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(CAS_ROWS, buffer_width(spec), dtype=compute_dtype(dtype))
 
 
-def cas_buffer_bytes(spec: ModelSpec, dtype: torch.dtype, peers: int) -> int:
+def cas_buffer_bytes(spec: ModelSpec, dtype: torch.dtype, peers: int, device: str = "cpu") -> int:
     """A replica's CaS memory: one buffer per owner it calls, and its service's workspace for the
     fused requests of its `peers` requesters (inputs, MLP activations, outputs, matmul scratch)."""
     if not peers:
         return 0
-    itemsize = compute_dtype(dtype).itemsize
+    itemsize = compute_dtype(dtype, device).itemsize
     width = buffer_width(spec)
     buffers = peers * CAS_ROWS * width * itemsize
     service_rows = peers * CAS_ROWS * (2 * width + 3 * spec.intermediate_size) * itemsize
-    return buffers + service_rows + scratch_bytes(dtype)
+    return buffers + service_rows + scratch_bytes(dtype, device)
 
 
 class CasServer:

@@ -87,9 +87,10 @@ class ModePolicy:
         return self.ops_per_layer * math.ceil(rows / CAS_ROWS)
 
     def costs(self, rows: int) -> dict[str, float]:
-        """Predicted seconds the step's remote layers cost in each mode."""
+        """Predicted seconds the step's remote layers cost in each mode ("map": computed in place)."""
         compute = self.calibration.compute_s(rows)
         return {
+            "map": self.remote_layers * compute,
             "was": self.remote_layers
             * (max(compute, self.copy_s) if self.overlap else compute + self.copy_s),
             "cas": self.remote_layers * (compute + self._requests(rows) * self.request_overhead_s),
