@@ -3,3 +3,7 @@
 
 class SidpError(Exception):
     """A problem the user can fix: the message says what happened and what to do."""
+
+
+class DoesNotFit(SidpError):
+    """The memory budget is too small for the model or for the requests (a benchmark sweep goes on)."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from sidp.config import EngineConfig, resolve_dtype
 from sidp.engine.group import ReplicaGroup
 from sidp.engine.llm_engine import FinishedRequest, LLMEngine
-from sidp.errors import SidpError
+from sidp.errors import DoesNotFit, SidpError
 from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, plan_memory
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
@@ -146,7 +146,7 @@ class LLM:
                 f"max_model_len={requested} exceeds the model's max_position_embeddings ({limit})."
             )
         if requested > kv_tokens:
-            raise SidpError(
+            raise DoesNotFit(
                 f"max_model_len={requested} is more than the KV cache holds ({kv_tokens} tokens): "
                 "raise memory_per_replica or lower max_model_len."
             )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sidp.errors import SidpError
+from sidp.errors import DoesNotFit, SidpError
 from sidp.model.linear import compute_dtype, scratch_bytes
 from sidp.model.spec import ModelSpec
 
@@ -207,7 +207,7 @@ def plan_memory(
     free = budget - held - workspace
     if free < block_bytes:
         need = held + workspace + block_bytes
-        raise SidpError(
+        raise DoesNotFit(
             f"memory_per_replica={format_bytes(budget)} cannot hold this model: weights take "
             f"{format_bytes(held)} and the step workspace {format_bytes(workspace)}; "
             f"give at least {need:,} bytes ({format_bytes(need)}), plus room for the KV cache."

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import hf_greedy
+from helpers import budget_for_blocks, hf_greedy
 
 from sidp.bench import hf_baseline, throughput
 from sidp.bench.workload import Request, random_workload
@@ -155,3 +155,143 @@ def test_rounds_alternate_the_order_and_average(tiny_model, tmp_path, capsys):
     for r in report["results"]:
         assert len(r["rounds_output_tokens_per_s"]) == 2
         assert r["output_tokens_per_s"] == pytest.approx(sum(r["rounds_output_tokens_per_s"]) / 2)
+
+
+def test_bench_fixed_shape_and_jsonl_workloads_are_named_in_the_report(tiny_model, tmp_path):
+    model = str(tiny_model("llama"))
+    common = ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--warmup", "1"]
+    common += ["--baseline", "none", "--num-requests", "3"]
+    code = throughput.run(
+        bench_args([*common, "--workload", "code", "--scale", "0.01", "--out", str(tmp_path / "c.json")])
+    )
+    assert (
+        code["workload"] | {"name": "code", "scale": 0.01, "input_len": [20, 20], "output_len": [3, 3]}
+        == code["workload"]
+    )
+    assert code["workload"]["prompt_tokens"] == 3 * 20 and code["workload"]["output_tokens"] == 3 * 3
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "one two", "max_tokens": 2}\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+    )
+    jsonl = throughput.run(
+        bench_args(
+            [*common, "--workload", str(prompts), "--output-len", "5", "--out", str(tmp_path / "j.json")]
+        )
+    )
+    assert (jsonl["workload"]["name"], jsonl["workload"]["num_requests"]) == (str(prompts), 2)
+    assert jsonl["workload"]["output_tokens"] == 2 + 5
+    [sidp] = jsonl["results"]
+    assert sidp["output_tokens_per_s"] * sidp["elapsed_s"] == pytest.approx(7)
+
+
+def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_model, tmp_path, capsys):
+    model = tiny_model("llama")
+    # Exactly what plain DP needs before its first KV block: dp cannot start, while map, holding half the
+    # MLP weights, can. Then a roomy budget where both start.
+    tight = budget_for_blocks(model, 0)
+    out = tmp_path / "sweep.json"
+    args = bench_args(
+        ["--model", str(model), "--dtype", "float32", "--num-requests", "3", "--warmup", "0"]
+        + [
+            "--input-len",
+            "4:8",
+            "--output-len",
+            "4",
+            "--dp",
+            "2",
+            "--configs",
+            "dp,map",
+            "--baseline",
+            "none",
+        ]
+        + ["--sweep", "memory", "--budgets", f"64MiB,{tight}", "--out", str(out)]
+    )
+    report = throughput.run(args)
+    assert json.loads(out.read_text()) == report
+    got = [(r["budget"], r["label"], r["fits"]) for r in report["results"]]
+    assert got == [
+        (str(tight), "dp", False),
+        (str(tight), "map", True),
+        ("64MiB", "dp", True),
+        ("64MiB", "map", True),
+    ]
+    assert report["sweep"]["budgets"] == [tight, 64 * 2**20]
+    misfit, tight_map, roomy_dp, roomy_map = report["results"]
+    assert "cannot hold this model" in misfit["error"]
+    assert tight_map["memory_per_replica"] == tight and tight_map["kv_cache_tokens"] > 0
+    assert tight_map["kv_cache_tokens"] < roomy_map["kv_cache_tokens"]
+    assert roomy_dp["kv_cache_tokens"] < roomy_map["kv_cache_tokens"]
+    for r in (tight_map, roomy_dp, roomy_map):
+        assert r["output_tokens_per_s"] * r["elapsed_s"] == pytest.approx(report["workload"]["output_tokens"])
+    png = tmp_path / "sweep.png"
+    assert report["sweep"]["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert f"{tight} dp: does not fit: memory_per_replica=" in text
+    assert f"{tight} map: Throughput: " in text and "64MiB dp: Throughput: " in text
+    table = text[text.index("memory sweep: 2 replica(s), pooling mlp, workload random") :].splitlines()
+    rows = [line.split() for line in table[3:7]]  # under the title, the head and its rule
+    assert rows[0] == [str(tight), "dp", "does", "not", "fit"]
+    assert [row[:2] for row in rows[1:]] == [[str(tight), "map"], ["64MiB", "dp"], ["64MiB", "map"]]
+    assert rows[3][3] == f"{roomy_map['kv_cache_tokens'] / roomy_dp['kv_cache_tokens']:.2f}x"  # KV vs DP
+
+
+def test_memory_sweep_where_nothing_fits_says_so(tiny_model, tmp_path):
+    args = bench_args(
+        ["--model", str(tiny_model("llama")), "--dtype", "float32", "--dp", "2", "--configs", "dp,map"]
+        + [
+            "--baseline",
+            "none",
+            "--sweep",
+            "memory",
+            "--budgets",
+            "100KiB,200KiB",
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    with pytest.raises(SidpError, match="No configuration could start at any budget.*cannot hold this model"):
+        throughput.run(args)
+
+
+def test_memory_sweep_stops_on_an_error_that_is_not_the_budgets(tiny_model, tmp_path):
+    args = bench_args(
+        ["--model", str(tiny_model("llama")), "--dtype", "float32", "--dp", "2", "--configs", "dp,map"]
+        + ["--baseline", "none", "--sweep", "memory", "--budgets", "64MiB", "--cache-slots", "0"]
+        + ["--out", str(tmp_path / "s.json")]
+    )
+    with pytest.raises(SidpError) as error:
+        throughput.run(args)
+    assert str(error.value).startswith("cache_slots must be at least 1")  # not "does not fit"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--budgets", "1GiB"], "add --sweep memory"),
+        (["--sweep", "memory"], "needs --budgets"),
+        (
+            ["--sweep", "memory", "--budgets", "1GiB", "--memory-per-replica", "1GiB"],
+            "drop --memory-per-replica",
+        ),
+        (["--sweep", "memory", "--budgets", "1GiB,lots"], "Cannot read the memory size 'lots'"),
+        (["--workload", "code", "--scale", "0"], "--scale must be more than 0"),
+        (["--scale", "0.5"], "--scale applies to summarization, code, conversation"),
+    ],
+)
+def test_bench_rejects_bad_sweep_and_workload_options(tiny_model, tmp_path, argv, words):
+    small = [
+        "--num-requests",
+        "1",
+        "--input-len",
+        "4",
+        "--output-len",
+        "2",
+        "--warmup",
+        "0",
+        "--baseline",
+        "none",
+    ]
+    args = bench_args(["--model", str(tiny_model("llama")), "--out", str(tmp_path / "b.json"), *small, *argv])
+    with pytest.raises(SidpError, match=words):
+        throughput.run(args)

@@ -1,8 +1,8 @@
-"""`sidp bench`: time sidp on a random workload, then transformers on the same one, and write the numbers.
+"""`sidp bench`: time sidp on a workload, then transformers on the same one, and write the numbers.
 
 Timing follows vLLM's benchmark_throughput: the model is loaded first, the clock covers generation only,
-and the printed line has vLLM's wording. Results are a list of engine runs so that more sidp
-configurations (data-parallel replicas, later) can sit beside the baseline in one report.
+and the printed line has vLLM's wording. Results are a list of engine runs so that sidp configurations
+(data-parallel replicas, SiDP modes, memory budgets) sit beside the baseline in one report.
 """
 
 from __future__ import annotations
@@ -15,16 +15,36 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from sidp.bench import sweep
 from sidp.bench.modes import CONFIGS, modes_table, parse_configs, probe_summary, probes_table, totals
-from sidp.bench.workload import Request, output_tokens, prompt_tokens, random_workload, rates, throughput_line
+from sidp.bench.workload import (
+    SHAPES,
+    Request,
+    Workload,
+    build_workload,
+    output_tokens,
+    prompt_tokens,
+    random_workload,
+    rates,
+    throughput_line,
+)
+from sidp.config import resolve_dtype
 from sidp.engine_args import add_engine_arguments, llm_from_args
-from sidp.errors import SidpError
+from sidp.errors import DoesNotFit, SidpError
 from sidp.machine import cpu_model
+from sidp.model.checkpoint import load_tokenizer, read_config
+from sidp.model.spec import ModelSpec
+from sidp.plan.calibration import Predictor, calibration_report
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger("sidp")
 
@@ -33,7 +53,24 @@ WARMUP_OUTPUT_LEN = 32  # warmup only has to pay one-time costs, not rehearse th
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, dtype="bfloat16")
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument(
+        "--workload",
+        default="random",
+        help=f"random (--input-len, --output-len), {', '.join(SHAPES)} (the SiDP paper's fixed prompt "
+        "lengths, times --scale), or PATH.jsonl of {prompt | messages, max_tokens} lines",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiplies the fixed shapes' lengths (0.125 on a CPU: 128/256/512 prompt, 32 output tokens)",
+    )
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=64,
+        help="requests to draw (a .jsonl workload runs each of its lines once)",
+    )
     parser.add_argument("--input-len", default="100:400", help="prompt tokens, LOW:HIGH inclusive, or N")
     parser.add_argument("--output-len", default="64:256", help="output tokens, LOW:HIGH inclusive, or N")
     parser.add_argument("--seed", type=int, default=0, help="the workload depends on this alone")
@@ -62,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="SiDP auto: every k-th step is timed in both modes, alternately (checks the policy)",
     )
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="also predict each configuration with sidp plan's cost model, measured on this CPU",
+    )
+    sweep.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -73,54 +116,173 @@ def run(args: argparse.Namespace) -> dict:
     if args.rounds < 1:
         raise SidpError(f"--rounds must be at least 1, got {args.rounds}.")
     configs = parse_configs(args.configs) if args.dp > 1 else ["sidp"]
-    _prepare_out(args.out)  # fail before minutes of benchmarking, not after
+    budgets = sweep.sweep_budgets(args)
+    plot = (args.plot or args.out.with_suffix(".png")) if budgets else None
+    for path in (args.out, plot):  # fail before minutes of benchmarking, not after
+        if path is not None:
+            _prepare_out(path)
     loadavg_before = os.getloadavg()
+    predict = Predictor() if args.predict else None
 
-    llm = llm_from_args(args, **CONFIGS.get(configs[0], {}))
-    avoid = set(llm.tokenizer.all_special_ids) | set(llm.spec.eos_token_ids)
-    requests = random_workload(
-        args.num_requests,
-        input_len,
-        output_len,
-        vocab_size=llm.spec.vocab_size,
-        seed=args.seed,
-        avoid_ids=avoid,
-    )
-    _check_fits(requests, llm.max_model_len)
-    # Another seed, so the timed prompts never hit blocks that warmup left in the prefix cache.
-    warmup_output = (min(output_len[0], WARMUP_OUTPUT_LEN), min(output_len[1], WARMUP_OUTPUT_LEN))
-    warmup = (
-        random_workload(
-            args.warmup,
-            input_len,
-            warmup_output,
-            vocab_size=llm.spec.vocab_size,
-            seed=args.seed + 1,
-            avoid_ids=avoid,
+    model_path, tokenizer, spec, dtype = _model(args)
+    workload, warmup = _workloads(args, input_len, output_len, tokenizer, spec)
+    requests = workload.requests
+
+    if budgets:
+        results = sweep.sweep_memory(
+            budgets,
+            lambda budget: run_configs(
+                argparse.Namespace(**{**vars(args), "memory_per_replica": budget}),
+                configs,
+                requests,
+                warmup,
+                heading=f"{budget} ",
+                predict=predict,
+            ),
         )
-        if args.warmup
-        else []
-    )
-
-    model_path, dtype = llm.model_path, llm.config.dtype
-    runs: dict[str, list[dict]] = {label: [] for label in configs}
-    for round_ in range(args.rounds):  # A B C, then C B A, ...: drift in the machine hits all alike
-        for label in configs if round_ % 2 == 0 else configs[::-1]:
-            if llm is None:  # one group at a time, each on the same workload and budget
-                llm = llm_from_args(args, **CONFIGS[label])
-            runs[label].append(run_sidp(llm, requests, warmup, label))
-            line = throughput_line(runs[label][-1])
-            print(f"{label}: {line}" if len(configs) > 1 or args.rounds > 1 else line)
-            llm.close()
-            llm = None  # give back the KV cache before the next configuration (or transformers) loads
-            gc.collect()
-    results = [_mean_of_rounds(runs[label]) for label in configs]
+    else:
+        results = run_configs(args, configs, requests, warmup, predict=predict)
     if args.baseline == "transformers":
         results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
     base = next((r["output_tokens_per_s"] for r in results if r["engine"] == "transformers"), None)
     for r in results:
-        r["vs_transformers"] = r["output_tokens_per_s"] / base if base else None
+        r["vs_transformers"] = r["output_tokens_per_s"] / base if base and r.get("fits", True) else None
     machine = machine_info(loadavg_before)
+    if budgets:
+        points = [r for r in results if r["engine"] == "sidp"]
+        about = f"{args.dp} replica(s), pooling {args.pooled_parts}, workload {workload.name}"
+        print(f"\nmemory sweep: {about}\n{sweep.sweep_table(points)}\n\n{machine_line(machine)}")
+        sweep.plot_sweep(points, plot, f"{model_path.name}: {about} (scale {workload.scale})")
+        print(f"drew {plot}")
+    else:
+        _print_side_by_side(args, configs, results, machine)
+
+    report = {
+        "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
+        "model": str(model_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "workload": workload_stats(workload, args.seed, len(warmup)),
+        "results": results,
+        "ratio": results[0]["vs_transformers"],
+        "machine": machine,
+    }
+    if predict and predict.device:
+        report["calibration"] = calibration_report(results, predict.device, args.dp)
+    if budgets:
+        report["sweep"] = {
+            "over": "memory_per_replica",
+            "budgets": [size for _, size in budgets],
+            "plot": str(plot),
+        }
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return report
+
+
+def run_configs(
+    args: argparse.Namespace,
+    configs: list[str],
+    requests: list[Request],
+    warmup: list[Request],
+    heading: str = "",
+    predict: Callable | None = None,
+) -> list[dict]:
+    """Each configuration on the same workload, one group at a time. With a `heading` (a sweep's budget)
+    a configuration the budget is too small for is recorded as not fitting and the others go on; without
+    one, that stops the benchmark."""
+    runs: dict[str, list[dict]] = {label: [] for label in configs}
+    misfits: dict[str, str] = {}
+    for round_ in range(args.rounds):  # A B C, then C B A, ...: drift in the machine hits all alike
+        for label in configs if round_ % 2 == 0 else configs[::-1]:
+            if label in misfits:
+                continue
+            try:
+                llm = _start(args, label, requests)
+            except DoesNotFit as error:  # any other error at start-up is not the budget's
+                if not heading:
+                    raise
+                misfits[label] = str(error)
+                print(f"{heading}{label}: does not fit: {error}")
+                continue
+            runs[label].append(run_sidp(llm, requests, warmup, label))
+            if predict:
+                runs[label][-1]["predicted"] = predict(llm, requests)
+            line = throughput_line(runs[label][-1])
+            print(f"{heading}{label}: {line}" if heading or len(configs) > 1 or args.rounds > 1 else line)
+            llm.close()
+            llm = None  # give back the KV cache before the next configuration (or transformers) loads
+            gc.collect()
+    return [
+        {**_mean_of_rounds(runs[label]), "fits": True}
+        if runs[label]
+        else {"engine": "sidp", "label": label, "fits": False, "error": misfits[label]}
+        for label in configs
+    ]
+
+
+def _start(args: argparse.Namespace, label: str, requests: list[Request]):
+    """The LLM of one configuration, once it is known to hold the workload's longest request."""
+    llm = llm_from_args(args, **CONFIGS.get(label, {}))
+    try:
+        _check_fits(requests, llm.max_model_len)
+    except SidpError:
+        llm.close()
+        raise
+    return llm
+
+
+def _model(args: argparse.Namespace) -> tuple[Path, PreTrainedTokenizerBase, ModelSpec, torch.dtype]:
+    """The checkpoint's path, tokenizer, shape and dtype, read without starting an engine: at a sweep's
+    smallest budget no configuration may start, yet the workload must be the same at every budget."""
+    if args.model is None:
+        from sidp.model.default_model import default_model_path
+
+        path = default_model_path()
+    else:
+        path = Path(args.model)
+    config = read_config(path)
+    return path, load_tokenizer(path), ModelSpec.from_hf_config(config), resolve_dtype(args.dtype, config)
+
+
+def _workloads(
+    args: argparse.Namespace,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    tokenizer: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+) -> tuple[Workload, list[Request]]:
+    """The timed workload, and random warm-up requests shaped like it."""
+    avoid = set(tokenizer.all_special_ids) | set(spec.eos_token_ids)
+    workload = build_workload(
+        args.workload,
+        args.num_requests,
+        input_len,
+        output_len,
+        scale=args.scale,
+        seed=args.seed,
+        tokenizer=tokenizer,
+        vocab_size=spec.vocab_size,
+        avoid_ids=avoid,
+    )
+    if not args.warmup:
+        return workload, []
+    # Another seed, so the timed prompts never hit blocks that warmup left in the prefix cache.
+    warmup = random_workload(
+        args.warmup,
+        workload.input_len,
+        tuple(min(n, WARMUP_OUTPUT_LEN) for n in workload.output_len),
+        vocab_size=spec.vocab_size,
+        seed=args.seed + 1,
+        avoid_ids=avoid,
+    )
+    return workload, warmup
+
+
+def _print_side_by_side(
+    args: argparse.Namespace, configs: list[str], results: list[dict], machine: dict
+) -> None:
     print(f"\n{comparison_table(results)}\n\n{machine_line(machine)}")
     if len(configs) > 1:
         print(f"\nSiDP group of {args.dp}, pooling {args.pooled_parts}, budget {args.memory_per_replica}")
@@ -129,21 +291,6 @@ def run(args: argparse.Namespace) -> dict:
     if probed:
         print(f"\nprobed steps ({probed['label']}): the same step timed in both modes")
         print(probes_table(probed["probes"]))
-
-    report = {
-        "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
-        "model": str(model_path),
-        "dtype": str(dtype).removeprefix("torch."),
-        "workload": workload_stats(requests, input_len, output_len, args.seed, len(warmup)),
-        "results": results,
-        "ratio": results[0]["vs_transformers"],
-        "machine": machine,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-    return report
 
 
 def _mean_of_rounds(runs: list[dict]) -> dict:
@@ -156,20 +303,16 @@ def _mean_of_rounds(runs: list[dict]) -> dict:
     return result
 
 
-def workload_stats(
-    requests: list[Request],
-    input_len: tuple[int, int],
-    output_len: tuple[int, int],
-    seed: int,
-    warmup_requests: int,
-) -> dict:
+def workload_stats(workload: Workload, seed: int, warmup_requests: int) -> dict:
     return {
-        "num_requests": len(requests),
-        "input_len": list(input_len),
-        "output_len": list(output_len),
+        "name": workload.name,
+        "scale": workload.scale,
+        "num_requests": len(workload.requests),
+        "input_len": list(workload.input_len),
+        "output_len": list(workload.output_len),
         "seed": seed,
-        "prompt_tokens": prompt_tokens(requests),
-        "output_tokens": output_tokens(requests),
+        "prompt_tokens": prompt_tokens(workload.requests),
+        "output_tokens": output_tokens(workload.requests),
         "warmup_requests": warmup_requests,
     }
 
@@ -304,9 +447,9 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 def _check_fits(requests: list[Request], max_model_len: int) -> None:
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     if longest > max_model_len:
-        raise SidpError(
+        raise DoesNotFit(
             f"The longest request needs {longest} tokens but max_model_len is {max_model_len}; "
-            "shorten --input-len/--output-len or raise --memory-per-replica."
+            "shorten the workload (--input-len/--output-len, --scale) or raise --memory-per-replica."
         )
 
 

@@ -1,4 +1,5 @@
-"""The synthetic benchmark workload: random-token prompts and fixed output lengths, as vLLM's random dataset.
+"""Benchmark workloads: random-token prompts as in vLLM's random dataset, the SiDP paper's fixed shapes,
+or real prompts from a JSONL file.
 
 Every request asks for exactly `output_len` tokens with EOS ignored, so each engine does the same work and
 throughput is comparable across engines and runs.
@@ -8,16 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sidp.errors import SidpError
+
+if TYPE_CHECKING:  # transformers is slow to import and only the JSONL workload needs a tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+# The SiDP paper's prompt lengths by task. The paper fixes no output length; SHAPE_OUTPUT_LEN is ours.
+SHAPES = {"summarization": 1024, "code": 2048, "conversation": 4096}
+SHAPE_OUTPUT_LEN = 256
 
 
 @dataclass(slots=True)
 class Request:
     prompt_token_ids: list[int]
     output_len: int
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str  # "random", a key of SHAPES, or the JSONL file it was read from
+    requests: list[Request]
+    input_len: tuple[int, int]  # the span prompt lengths come from; warm-up prompts draw from it too
+    output_len: tuple[int, int]
+    scale: float
 
 
 def random_workload(
@@ -47,6 +66,109 @@ def random_workload(
         Request(allowed[rng.integers(0, allowed.size, size=n)].tolist(), int(m))
         for n, m in zip(prompt_lens, output_lens, strict=True)
     ]
+
+
+def fixed_workload(
+    shape: str,
+    num_requests: int,
+    *,
+    scale: float = 1.0,
+    vocab_size: int,
+    seed: int = 0,
+    avoid_ids: Iterable[int] = (),
+) -> list[Request]:
+    """Random-token prompts of exactly the shape's length, each asking for SHAPE_OUTPUT_LEN tokens; both
+    lengths multiplied by `scale` so a CPU can run the same shapes smaller."""
+    if shape not in SHAPES:
+        raise SidpError(f"Unknown workload shape {shape!r}: choose from {', '.join(SHAPES)}.")
+    n, m = scaled(SHAPES[shape], scale), scaled(SHAPE_OUTPUT_LEN, scale)
+    return random_workload(
+        num_requests, (n, n), (m, m), vocab_size=vocab_size, seed=seed, avoid_ids=avoid_ids
+    )
+
+
+def scaled(tokens: int, scale: float) -> int:
+    if not scale > 0:
+        raise SidpError(f"--scale must be more than 0, got {scale}.")
+    return max(1, round(tokens * scale))
+
+
+def jsonl_workload(
+    path: Path, tokenizer: PreTrainedTokenizerBase, output_len: tuple[int, int], *, seed: int = 0
+) -> list[Request]:
+    """One request per line of `path`, in the format `sidp generate --input` reads; a line's `max_tokens`
+    is its output length, else one drawn uniformly from `output_len`."""
+    # Imported here: sidp.cli builds the bench's parser, so a module-level import would be circular.
+    from sidp.cli import parse_jsonl
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SidpError(f"Cannot read the workload {path}: {error}") from None
+    records = parse_jsonl(lines, str(path))
+    numbers = [n for n, line in enumerate(lines, 1) if line.strip()]  # parse_jsonl skips blank lines alone
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(output_len[0], output_len[1], size=len(records), endpoint=True)
+    requests = []
+    for number, record, default in zip(numbers, records, drawn, strict=True):
+        max_tokens = record.get("max_tokens", int(default))
+        if type(max_tokens) is not int or max_tokens < 1:  # bool is an int subclass, and no length
+            raise SidpError(f"{path} line {number}: max_tokens must be a whole number of at least 1.")
+        requests.append(Request(prompt_ids(tokenizer, record, f"{path} line {number}"), max_tokens))
+    return requests
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, record: dict, where: str) -> list[int]:
+    """The record's prompt as LLM.generate (a "prompt") or LLM.chat (its "messages") would tokenize it."""
+    if "messages" in record and tokenizer.chat_template is None:
+        raise SidpError(f"{where} has messages, but the model has no chat template; give a prompt instead.")
+    try:
+        if "prompt" in record:
+            ids = tokenizer.encode(record["prompt"])
+        else:
+            text = tokenizer.apply_chat_template(
+                record["messages"], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer.encode(text, add_special_tokens=False)
+    except Exception as error:  # tokenizers and jinja raise many types here; all mean a malformed line
+        raise SidpError(f"{where} cannot be tokenized ({error}); check its prompt or messages.") from None
+    if not ids:
+        raise SidpError(f"{where} has an empty prompt.")
+    return ids
+
+
+def build_workload(
+    name: str,
+    num_requests: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    *,
+    scale: float,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int,
+    avoid_ids: Iterable[int],
+) -> Workload:
+    """The workload `sidp bench --workload NAME` runs: "random", a shape of SHAPES, or a .jsonl path."""
+    if scale != 1.0 and name not in SHAPES:  # silently ignored, it would mislabel the run
+        raise SidpError(f"--scale applies to {', '.join(SHAPES)}; size --workload {name} by its own lengths.")
+    if name == "random":
+        reqs = random_workload(
+            num_requests, input_len, output_len, vocab_size=vocab_size, seed=seed, avoid_ids=avoid_ids
+        )
+    elif name in SHAPES:
+        reqs = fixed_workload(
+            name, num_requests, scale=scale, vocab_size=vocab_size, seed=seed, avoid_ids=avoid_ids
+        )
+    elif name.endswith(".jsonl"):
+        reqs = jsonl_workload(Path(name), tokenizer, output_len, seed=seed)
+    else:
+        shapes = ", ".join(SHAPES)
+        raise SidpError(f"--workload {name!r}: choose random, {shapes}, or a path ending in .jsonl.")
+    if name != "random":  # what was drawn, so warm-up prompts look like the timed ones
+        input_len = (min(len(r.prompt_token_ids) for r in reqs), max(len(r.prompt_token_ids) for r in reqs))
+        output_len = (min(r.output_len for r in reqs), max(r.output_len for r in reqs))
+    return Workload(name, reqs, input_len, output_len, scale)
 
 
 def prompt_tokens(requests: Sequence[Request]) -> int:
