@@ -27,6 +27,7 @@ class Device:
     link_bw: float  # achieved bytes/s to or from a peer, one direction
     round_trip_s: float  # an empty CaS request and its answer
     layer_overhead_s: float  # per decoder layer and step, beyond the roofline
+    seq_overhead_s: float = 0.0  # per decoder layer and sequence in the step, beyond the roofline
     step_overhead_s: float = 0.0  # per step: scheduling, sampling, what the roofline does not see
     kind: str = "cuda"  # "cuda" or "cpu": how the ledger counts activations (sidp.memory)
 

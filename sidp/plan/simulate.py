@@ -23,6 +23,7 @@ from sidp.sampling_params import SamplingParams
 @dataclass(slots=True)
 class Prediction:
     elapsed_s: float
+    elapsed_by_replica: list[float]  # each replica's busy time
     output_tokens_per_s: float
     steps: int
     preemptions: int
@@ -95,6 +96,7 @@ def simulate(
     modes = sum((t.modes for t in step_times), Counter())
     return Prediction(
         elapsed_s=elapsed,
+        elapsed_by_replica=[r.clock for r in runners],
         output_tokens_per_s=sum(r.output_len for r in requests) / elapsed,
         steps=sum(e.num_steps for e in engines),
         preemptions=sum(e.scheduler.num_preemptions for e in engines),

@@ -64,7 +64,9 @@ class StepTime:
         params = self.held_bytes / DTYPE_BYTES
         held_flops = 2 * tokens * params + 4 * shard.num_heads * shard.head_dim * attended
         held_bytes = self.held_bytes + kv_read * self.kv_bytes_per_token
-        layer = device.roofline_s(held_flops, held_bytes) + device.layer_overhead_s
+        layer = (
+            device.roofline_s(held_flops, held_bytes) + device.layer_overhead_s + seqs * device.seq_overhead_s
+        )
         if self.tp > 1:  # two all-reduces of the hidden states per layer
             layer += 2 * (tokens * shard.hidden_size * DTYPE_BYTES / device.link_bw + device.round_trip_s / 2)
         owned = self.num_layers - self.remote_layers

@@ -43,7 +43,7 @@ class Calibration:
         return points[0][1]
 
 
-def _best_of(repeats: int, run: Callable[[], object]) -> float:
+def best_of(repeats: int, run: Callable[[], object]) -> float:
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
@@ -62,14 +62,14 @@ def calibrate(
 ) -> Calibration:
     """Measure on this machine, now: copying `piece`, running `ops` on it, and `ping()`'s round trip."""
     slot = {name: torch.empty_like(t) for name, t in piece.items()}
-    copy_s = _best_of(3, functools.partial(copy_piece, copy_into, slot, piece))
+    copy_s = best_of(3, functools.partial(copy_piece, copy_into, slot, piece))
     del slot
     in_width, _ = op_widths(spec)
     compute = []
     with torch.inference_mode():
         for rows in (r for r in ROWS_GRID if r <= max(max_rows, 1)):
             inputs = {op: torch.randn(rows, in_width[op], dtype=dtype) for op in ops}
-            compute.append((rows, _best_of(2, functools.partial(_run_ops, inputs, piece))))
+            compute.append((rows, best_of(2, functools.partial(_run_ops, inputs, piece))))
     round_trips = sorted(ping() for _ in range(21))
     return Calibration(copy_s, round_trips[len(round_trips) // 2], tuple(compute))
 

@@ -1,0 +1,117 @@
+"""This CPU as a roofline device, measured in a few seconds, so the planner's model can be checked
+against steps sidp really ran here (`sidp bench --predict`).
+
+Measured with the engine's own code on one layer's real weights: FLOP/s from the pooled MLP at 256
+rows, streaming bandwidth from it at one row, the copy of a layer (WaS), a round trip through a
+socket pair (CaS), and the per-layer cost the roofline cannot see (Python, small kernels) from real
+single-sequence decode steps of the whole model.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import torch
+
+from sidp.config import EngineConfig
+from sidp.engine.llm_engine import LLMEngine
+from sidp.memory import MemoryPlan, layer_weight_bytes
+from sidp.model.checkpoint import open_checkpoint
+from sidp.model.decoder import project, read_part
+from sidp.model.linear import compute_dtype
+from sidp.model.spec import ModelSpec
+from sidp.plan.hardware import Device
+from sidp.plan.step_time import StepTime
+from sidp.pool.policy import best_of
+from sidp.sampling_params import SamplingParams
+
+CONTEXT = 128  # tokens of the sequence whose decode steps measure the overhead
+DECODE_STEPS = 8
+MANY = 16
+
+
+def measure_cpu(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
+    """This CPU with `threads` threads per replica (the caller's own thread count is given back)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _measure(config, spec, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
+    dtype = config.dtype
+    checkpoint = open_checkpoint(config.model)
+    weights = read_part(lambda name: checkpoint.read(name, dtype), spec, 0, "mlp")
+    weight_bytes = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
+    params = weight_bytes / dtype.itemsize
+    with torch.inference_mode():
+        x = torch.randn(256, spec.hidden_size, dtype=compute_dtype(dtype))
+        flops = 2 * 256 * params / best_of(5, lambda: project("mlp", x, weights))
+        one = x[:1].clone()
+        mem_bw = weight_bytes / best_of(5, lambda: project("mlp", one, weights))
+        slot = {name: torch.empty_like(t) for name, t in weights.items()}
+        link_bw = weight_bytes / best_of(5, lambda: [slot[n].copy_(t) for n, t in weights.items()])
+    device = Device(
+        name=f"this CPU, {threads} thread{'s' * (threads > 1)}",
+        memory_bytes=config.memory_per_replica,
+        flops=flops,
+        mem_bw=mem_bw,
+        link_bw=link_bw,
+        round_trip_s=_round_trip_s(),
+        layer_overhead_s=0.0,
+        kind="cpu",
+    )
+    # What the roofline misses, per layer: a part per step and a part per sequence, from decode steps
+    # of one and of MANY sequences.
+    beyond = {}
+    for seqs in (1, MANY):
+        roofline = StepTime(spec, device).seconds(seqs, seqs, seqs * (CONTEXT + 1), seqs * (CONTEXT + 1))
+        beyond[seqs] = max(0.0, _decode_step_s(config, spec, seqs) - roofline) / spec.num_layers
+    per_seq = max(0.0, (beyond[MANY] - beyond[1]) / (MANY - 1))
+    fields = {k: getattr(device, k) for k in Device.__slots__}
+    return Device(**{**fields, "layer_overhead_s": max(0.0, beyond[1] - per_seq), "seq_overhead_s": per_seq})
+
+
+def _round_trip_s() -> float:
+    """A few bytes out and back through a socket pair to another process, as a CaS request's signal goes."""
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
+    echo.start()
+
+    def ping() -> float:
+        started = time.perf_counter()
+        ours.send_bytes(b"x" * 12)
+        ours.recv_bytes()
+        return time.perf_counter() - started
+
+    times = sorted(ping() for _ in range(21))
+    ours.send_bytes(b"")
+    echo.join(timeout=5)
+    return times[len(times) // 2]  # the median, as the pool's own calibration takes
+
+
+def _echo(channel) -> None:
+    while data := channel.recv_bytes():
+        channel.send_bytes(data)
+
+
+def _decode_step_s(config: EngineConfig, spec: ModelSpec, seqs: int) -> float:
+    """The fastest of a few decode steps of `seqs` sequences on the real model, after their prompts."""
+    blocks = seqs * -(-(CONTEXT + DECODE_STEPS + 1) // config.block_size)
+    block_bytes = spec.kv_bytes_per_token(config.dtype.itemsize) * config.block_size
+    plan = MemoryPlan(blocks * block_bytes, {}, 0, config.block_size, block_bytes, blocks)
+    engine = LLMEngine(config, spec, plan)
+    params = SamplingParams(temperature=0, max_tokens=DECODE_STEPS + 1, ignore_eos=True)
+    for seq_id in range(seqs):
+        engine.add_request(seq_id, [1 + seq_id] * CONTEXT, params)
+    while any(s.num_computed_tokens < CONTEXT for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # the prompts
+    best = float("inf")
+    while engine.has_work():
+        started = time.perf_counter()
+        engine.step()
+        best = min(best, time.perf_counter() - started)
+    return best
