@@ -3,6 +3,7 @@ from the engine's own scheduler."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -125,3 +126,25 @@ def test_plan_command_errors_in_one_line(tmp_path, capsys):
     assert main(["plan", "--gpu", "custom", "--memory-gib", "80"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("sidp: error: ") for line in err)
+
+
+def test_bench_predict_replays_a_replicas_own_steps(tiny_model, tmp_path, capsys):
+    """One replica pulls the requests in order, so the planner's run of the engine's scheduler over the
+    same requests and memory plan takes exactly the steps the real replica took; a group predicts each
+    configuration beside its measurement."""
+    from sidp.bench import throughput
+
+    def bench(*extra: str) -> dict:
+        parser = argparse.ArgumentParser()
+        throughput.add_arguments(parser)
+        argv = ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "8"]
+        argv += ["--input-len", "20:60", "--output-len", "8:24", "--memory-per-replica", "40MiB", "--warmup", "0"]
+        argv += ["--baseline", "none", "--predict", "--out", str(tmp_path / "b.json"), *extra]
+        return throughput.run(parser.parse_args(argv))
+
+    (one,) = bench("--max-num-seqs", "3")["calibration"]["rows"]
+    assert one["predicted_steps"] == one["measured_steps"] > 8
+    assert one["predicted_step_ms"] > 0 and one["measured_step_ms"] > 0
+    rows = bench("--dp", "2", "--configs", "dp,cas")["calibration"]["rows"]
+    assert [r["label"] for r in rows] == ["dp", "cas"]
+    assert "step time predicted within 20% for" in capsys.readouterr().out

@@ -21,8 +21,9 @@ class Predictor:
         if self.device is None:
             from sidp.plan.cpu_device import measure_cpu
 
-            threads = max(1, torch.get_num_threads() // len(llm.plans))  # as the group gives each replica
-            self.device = measure_cpu(llm.config, llm.spec, threads)
+            replicas = len(llm.plans)
+            threads = max(1, torch.get_num_threads() // replicas)  # as the group gives each replica
+            self.device = measure_cpu(llm.config, llm.spec, threads, siblings=replicas - 1)
         return predict_run(llm, requests, self.device)
 
 

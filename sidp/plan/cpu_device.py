@@ -31,14 +31,39 @@ DECODE_STEPS = 8
 MANY = 16
 
 
-def measure_cpu(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
-    """This CPU with `threads` threads per replica (the caller's own thread count is given back)."""
+def measure_cpu(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int = 0) -> Device:
+    """This CPU with `threads` threads per replica, while `siblings` other processes multiply as the
+    group's other replicas would (they share the memory system); the caller's thread count is kept."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")  # fork could copy a busy OpenMP pool
+    ready, stop = context.Barrier(siblings + 1), context.Event()
+    busy = [
+        context.Process(target=_sibling, args=(spec, config.dtype, threads, ready, stop), daemon=True)
+        for _ in range(siblings)
+    ]
     try:
+        for process in busy:
+            process.start()
+        ready.wait(timeout=120)
         return _measure(config, spec, threads)
     finally:
+        stop.set()
+        for process in busy:
+            process.join(timeout=10)
         torch.set_num_threads(before)
+
+
+def _sibling(spec: ModelSpec, dtype: torch.dtype, threads: int, ready, stop) -> None:
+    """Another replica's load: a decode-sized MLP on random weights, over and over."""
+    torch.set_num_threads(threads)
+    h, f = spec.hidden_size, spec.intermediate_size
+    weights = {"gate_up": torch.randn(2 * f, h).to(dtype), "down": torch.randn(h, f).to(dtype)}
+    x = torch.randn(MANY, h, dtype=compute_dtype(dtype))
+    ready.wait()
+    with torch.inference_mode():
+        while not stop.is_set():
+            project("mlp", x, weights)
 
 
 def _measure(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
