@@ -295,3 +295,18 @@ def test_bench_rejects_bad_sweep_and_workload_options(tiny_model, tmp_path, argv
     args = bench_args(["--model", str(tiny_model("llama")), "--out", str(tmp_path / "b.json"), *small, *argv])
     with pytest.raises(SidpError, match=words):
         throughput.run(args)
+
+
+def test_configs_may_name_their_own_pooled_parts():
+    from sidp.bench.modes import config_arguments, parse_configs
+
+    assert parse_configs("dp, map ,auto:attn+mlp") == ["dp", "map", "auto:attn+mlp"]
+    assert config_arguments("auto:attn+mlp") == {
+        "weight_sharing": "sidp",
+        "sidp_mode": "auto",
+        "pooled_parts": "mlp,attn",
+    }
+    assert "pooled_parts" not in config_arguments("map")
+    for bad in ("dp:mlp", "fast", "map:gpu"):
+        with pytest.raises(SidpError):
+            parse_configs(bad)

@@ -138,7 +138,8 @@ def test_bench_predict_replays_a_replicas_own_steps(tiny_model, tmp_path, capsys
         parser = argparse.ArgumentParser()
         throughput.add_arguments(parser)
         argv = ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "8"]
-        argv += ["--input-len", "20:60", "--output-len", "8:24", "--memory-per-replica", "40MiB", "--warmup", "0"]
+        argv += ["--input-len", "20:60", "--output-len", "8:24", "--memory-per-replica", "40MiB"]
+        argv += ["--warmup", "0"]
         argv += ["--baseline", "none", "--predict", "--out", str(tmp_path / "b.json"), *extra]
         return throughput.run(parser.parse_args(argv))
 

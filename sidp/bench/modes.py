@@ -4,6 +4,7 @@ and how auto's choices compare with both modes measured on the same steps (probe
 from __future__ import annotations
 
 from sidp.errors import SidpError
+from sidp.pool.placement import PARTS, parse_parts
 
 CONFIGS = {  # label -> LLM arguments beside the shared engine options
     "dp": {"weight_sharing": "none"},
@@ -21,10 +22,30 @@ NEAR = 0.05  # a choice within 5% of the faster mode's time is within this machi
 
 
 def parse_configs(text: str) -> list[str]:
+    """ "dp,map,auto:mlp+attn+embed": a SiDP mode may name its own pooled parts after a colon."""
     labels = [c.strip() for c in text.split(",") if c.strip()]
-    if not labels or not set(labels) <= set(CONFIGS):
+    for label in labels:
+        config_arguments(label)
+    if not labels:
         raise SidpError(f"--configs {text!r}: choose from {', '.join(CONFIGS)}, comma-separated.")
     return labels
+
+
+def config_arguments(label: str) -> dict:
+    """The LLM arguments of a configuration label, beside the shared engine options ("sidp": the run
+    of a single engine, the options as given)."""
+    if label == "sidp":
+        return {}
+    mode, _, parts = label.partition(":")
+    if mode not in CONFIGS or (parts and mode == "dp"):
+        raise SidpError(
+            f"--configs: {label!r} is not a configuration; use {', '.join(CONFIGS)}, and for SiDP "
+            "modes optionally :PARTS, like auto:mlp+attn+embed."
+        )
+    if not parts:
+        return CONFIGS[mode]
+    pooled = parse_parts(parts.replace("+", ","))
+    return {**CONFIGS[mode], "pooled_parts": ",".join(p for p in PARTS if p in pooled)}
 
 
 def totals(before: list[dict], after: list[dict]) -> dict:
@@ -71,7 +92,7 @@ def probe_summary(counters: list[dict]) -> dict:
 
 def modes_table(results: list[dict]) -> str:
     head = (
-        f"{'config':<10} {'KV tok/replica':>15} {'vs DP':>6} {'req/s':>7} {'output tok/s':>13} {'vs DP':>6} "
+        f"{'config':<18} {'KV tok/replica':>15} {'vs DP':>6} {'req/s':>7} {'output tok/s':>13} {'vs DP':>6} "
         f"{'steps was/cas/map':>18} {'WaS GB':>7} {'WaS wait s':>10} {'CaS sent':>9} {'fused':>6}"
     )
     dp = next((r for r in results if r["label"] == "dp"), None)
@@ -82,7 +103,7 @@ def modes_table(results: list[dict]) -> str:
         steps = f"{c['steps_was']}/{c['steps_cas']}/{c['steps_map']}"
         speed = f"{r['output_tokens_per_s'] / dp['output_tokens_per_s']:.2f}x" if dp else "-"
         lines.append(
-            f"{r['label']:<10} {r['kv_cache_tokens']:>15,} {kv_ratio:>6} {r['requests_per_s']:>7.2f} "
+            f"{r['label']:<18} {r['kv_cache_tokens']:>15,} {kv_ratio:>6} {r['requests_per_s']:>7.2f} "
             f"{r['output_tokens_per_s']:>13.2f} {speed:>6} {steps:>18} "
             f"{c['was_bytes_fetched'] / 1e9:>7.1f} {c['was_wait_s']:>10.2f} "
             f"{c['cas_sent']:>9} {c['cas_fused']:>6}"

@@ -58,13 +58,13 @@ def sweep_memory(budgets: list[tuple[str, int]], run_at: Callable[[str], list[di
 
 def sweep_table(points: list[dict]) -> str:
     head = (
-        f"{'budget':>10} {'config':<8} {'KV tok/replica':>15} {'vs DP':>6} {'output tok/s':>13} {'vs DP':>6} "
-        f"{'vs HF':>6} {'preemptions':>12}"
+        f"{'budget':>10} {'config':<18} {'KV tok/replica':>15} {'vs DP':>6} {'output tok/s':>13} "
+        f"{'vs DP':>6} {'vs HF':>6} {'preemptions':>12}"
     )
     lines = [head, "-" * len(head)]
     for p in points:
         if not p["fits"]:
-            lines.append(f"{p['budget']:>10} {p['label']:<8} {'does not fit':>15}")
+            lines.append(f"{p['budget']:>10} {p['label']:<18} {'does not fit':>15}")
             continue
         # plain DP at the same budget, when it fits there: what SiDP's pooling bought
         dp = next(
@@ -74,7 +74,7 @@ def sweep_table(points: list[dict]) -> str:
         speed = f"{p['output_tokens_per_s'] / dp['output_tokens_per_s']:.2f}x" if dp else "-"
         hf = f"{p['vs_transformers']:.2f}x" if p.get("vs_transformers") is not None else "-"
         lines.append(
-            f"{p['budget']:>10} {p['label']:<8} {p['kv_cache_tokens']:>15,} {kv_ratio:>6} "
+            f"{p['budget']:>10} {p['label']:<18} {p['kv_cache_tokens']:>15,} {kv_ratio:>6} "
             f"{p['output_tokens_per_s']:>13.2f} {speed:>6} {hf:>6} {p['num_preemptions']:>12}"
         )
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sidp.bench import sweep
-from sidp.bench.modes import CONFIGS, modes_table, parse_configs, probe_summary, probes_table, totals
+from sidp.bench.modes import config_arguments, modes_table, parse_configs, probe_summary, probes_table, totals
 from sidp.bench.workload import (
     SHAPES,
     Request,
@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs",
         default="dp,was,cas,auto,map",
-        help="with --dp > 1: the group configurations run side by side (dp = plain data parallelism)",
+        help="with --dp > 1: the group configurations run side by side (dp = plain data parallelism; "
+        "a SiDP mode may pool other parts than --pooled-parts: map:mlp+attn+embed)",
     )
     parser.add_argument(
         "--rounds",
@@ -224,7 +225,7 @@ def run_configs(
 
 def _start(args: argparse.Namespace, label: str, requests: list[Request]):
     """The LLM of one configuration, once it is known to hold the workload's longest request."""
-    llm = llm_from_args(args, **CONFIGS.get(label, {}))
+    llm = llm_from_args(args, **config_arguments(label))
     try:
         _check_fits(requests, llm.max_model_len)
     except SidpError:

@@ -10,6 +10,7 @@ single-sequence decode steps of the whole model.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 import torch
@@ -46,7 +47,7 @@ def measure_cpu(config: EngineConfig, spec: ModelSpec, threads: int, siblings: i
         for process in busy:
             process.start()
         ready.wait(timeout=120)
-        return _measure(config, spec, threads)
+        return _measure(config, spec, threads, siblings)
     finally:
         stop.set()
         for process in busy:
@@ -66,7 +67,7 @@ def _sibling(spec: ModelSpec, dtype: torch.dtype, threads: int, ready, stop) -> 
             project("mlp", x, weights)
 
 
-def _measure(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
+def _measure(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int) -> Device:
     dtype = config.dtype
     checkpoint = open_checkpoint(config.model)
     weights = read_part(lambda name: checkpoint.read(name, dtype), spec, 0, "mlp")
@@ -88,6 +89,8 @@ def _measure(config: EngineConfig, spec: ModelSpec, threads: int) -> Device:
         round_trip_s=_round_trip_s(),
         layer_overhead_s=0.0,
         kind="cpu",
+        # The prefetcher's copy runs on a core; only a core no replica computes on hides it.
+        copies_overlap=(siblings + 1) * threads < len(os.sched_getaffinity(0)),
     )
     # What the roofline misses, per layer: a part per step and a part per sequence, from decode steps
     # of one and of MANY sequences.

@@ -29,6 +29,7 @@ class Device:
     layer_overhead_s: float  # per decoder layer and step, beyond the roofline
     seq_overhead_s: float = 0.0  # per decoder layer and sequence in the step, beyond the roofline
     step_overhead_s: float = 0.0  # per step: scheduling, sampling, what the roofline does not see
+    copies_overlap: bool = True  # copy engines move weights beside compute; a CPU's busy cores cannot
     kind: str = "cuda"  # "cuda" or "cpu": how the ledger counts activations (sidp.memory)
 
     def roofline_s(self, flops: float, bytes_: float) -> float:

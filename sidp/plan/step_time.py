@@ -50,7 +50,8 @@ class StepTime:
                 round_trip_s=device.round_trip_s,
                 compute=tuple((rows, self.pooled_s(rows)) for rows in ROWS_GRID),
             )
-            self.policy = ModePolicy(calibration, remote_layers, len(ops_of(parts)), cache_slots)
+            slots = cache_slots if device.copies_overlap else 1  # one slot: the policy adds copy to compute
+            self.policy = ModePolicy(calibration, remote_layers, len(ops_of(parts)), slots)
         self.modes: Counter[str] = Counter()
 
     def pooled_s(self, rows: int) -> float:
