@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -23,14 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from sidp.bench import sweep
-from sidp.bench.modes import config_arguments, modes_table, parse_configs, probe_summary, probes_table, totals
+from sidp.bench.modes import config_arguments, parse_configs, probe_summary, totals
+from sidp.bench.report import machine_info, machine_line, print_side_by_side, workload_stats
 from sidp.bench.workload import (
     SHAPES,
     Request,
     Workload,
     build_workload,
-    output_tokens,
-    prompt_tokens,
     random_workload,
     rates,
     throughput_line,
@@ -38,7 +36,6 @@ from sidp.bench.workload import (
 from sidp.config import resolve_dtype
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import DoesNotFit, SidpError
-from sidp.machine import cpu_model
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.plan.calibration import Predictor, calibration_report
@@ -156,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
         sweep.plot_sweep(points, plot, f"{model_path.name}: {about} (scale {workload.scale})")
         print(f"drew {plot}")
     else:
-        _print_side_by_side(args, configs, results, machine)
+        print_side_by_side(args, configs, results, machine)
 
     report = {
         "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
@@ -281,19 +278,6 @@ def _workloads(
     return workload, warmup
 
 
-def _print_side_by_side(
-    args: argparse.Namespace, configs: list[str], results: list[dict], machine: dict
-) -> None:
-    print(f"\n{comparison_table(results)}\n\n{machine_line(machine)}")
-    if len(configs) > 1:
-        print(f"\nSiDP group of {args.dp}, pooling {args.pooled_parts}, budget {args.memory_per_replica}")
-        print(modes_table([r for r in results if r["engine"] == "sidp"]))
-    probed = next((r for r in results if r.get("probes")), None)
-    if probed:
-        print(f"\nprobed steps ({probed['label']}): the same step timed in both modes")
-        print(probes_table(probed["probes"]))
-
-
 def _mean_of_rounds(runs: list[dict]) -> dict:
     """One result per configuration: rates averaged over its rounds, each round's figure kept; counters
     and KV figures are the last round's."""
@@ -302,20 +286,6 @@ def _mean_of_rounds(runs: list[dict]) -> dict:
         result[key] = sum(r[key] for r in runs) / len(runs)
     result["rounds_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in runs]
     return result
-
-
-def workload_stats(workload: Workload, seed: int, warmup_requests: int) -> dict:
-    return {
-        "name": workload.name,
-        "scale": workload.scale,
-        "num_requests": len(workload.requests),
-        "input_len": list(workload.input_len),
-        "output_len": list(workload.output_len),
-        "seed": seed,
-        "prompt_tokens": prompt_tokens(workload.requests),
-        "output_tokens": output_tokens(workload.requests),
-        "warmup_requests": warmup_requests,
-    }
 
 
 def run_baseline(
@@ -379,48 +349,6 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
     if any(c.get("probes") for c in after):
         result["probes"] = probe_summary(after)
     return result
-
-
-def comparison_table(results: list[dict]) -> str:
-    head = (
-        f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13} "
-        f"{'vs HF':>7}"
-    )
-    rows = [head, "-" * len(head)]
-    for r in results:
-        # sidp batches continuously, so its batch size is a ceiling, not a fixed shape.
-        batch = f"<={r['max_num_seqs']}" if r["engine"] == "sidp" else str(r["batch_size"])
-        ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] is not None else "-"
-        rows.append(
-            f"{r['label']:<14} {batch:>12} {r['requests_per_s']:>8.2f} "
-            f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f} {ratio:>7}"
-        )
-    return "\n".join(rows)
-
-
-def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
-    import transformers
-
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        # Other work on the same cores skews the numbers; the load average lets a reader see it happened.
-        "loadavg_before": list(loadavg_before),
-        "loadavg": list(os.getloadavg()),
-    }
-
-
-def machine_line(m: dict) -> str:
-    return (
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-        f"torch {m['torch']}; "
-        f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
-    )
 
 
 def parse_range(text: str, option: str) -> tuple[int, int]:

@@ -49,7 +49,7 @@ def compare(result: dict, predicted: dict, replicas: int) -> dict:
     whole run but for its tail)."""
     measured_step_ms = result["elapsed_s"] * replicas / result["num_steps"] * 1e3
     return {
-        "label": result["label"],
+        "label": f"{result['budget']} {result['label']}" if "budget" in result else result["label"],
         "measured_step_ms": round(measured_step_ms, 2),
         "predicted_step_ms": round(predicted["step_ms"], 2),
         "step_error": predicted["step_ms"] / measured_step_ms - 1,
@@ -66,12 +66,12 @@ def calibration_table(rows: list[dict], device: Device) -> str:
         f"cost model on {device.name}: {device.flops / 1e9:.0f} GFLOP/s, {device.mem_bw / 1e9:.1f} GB/s "
         f"streaming, {device.link_bw / 1e9:.1f} GB/s copy, {device.round_trip_s * 1e6:.0f} us round trip, "
         f"{device.layer_overhead_s * 1e6:.0f} us per layer",
-        f"{'config':<18} {'step ms':>8} {'predicted':>10} {'error':>7} {'elapsed s':>10} {'predicted':>10} "
+        f"{'config':<26} {'step ms':>8} {'predicted':>10} {'error':>7} {'elapsed s':>10} {'predicted':>10} "
         f"{'error':>7} {'steps':>7} {'predicted':>10}",
     ]
     for r in rows:
         lines.append(
-            f"{r['label']:<18} {r['measured_step_ms']:>8.2f} {r['predicted_step_ms']:>10.2f} "
+            f"{r['label']:<26} {r['measured_step_ms']:>8.2f} {r['predicted_step_ms']:>10.2f} "
             f"{r['step_error']:>+7.0%} {r['measured_elapsed_s']:>10.2f} {r['predicted_elapsed_s']:>10.2f} "
             f"{r['elapsed_error']:>+7.0%} {r['measured_steps']:>7} {r['predicted_steps']:>10}"
         )
