@@ -33,7 +33,7 @@ def predict_run(llm, requests: list[Request], device: Device) -> dict:
     parts = config.pooled_parts if config.placement else frozenset()
     layout = Layout(len(llm.plans), 1, parts, config.sidp_mode)
     cap = Capacity(layout, list(llm.plans), config.placement)
-    step_times = replica_step_times(llm.spec, device, cap, config.cache_slots)
+    step_times = replica_step_times(llm.spec, device, cap, config.cache_slots, config.dtype.itemsize)
     p = simulate(llm.spec, cap, step_times, requests, config.max_num_seqs, config.max_num_batched_tokens)
     busy = sum(p.elapsed_by_replica)
     return {

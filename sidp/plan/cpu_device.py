@@ -96,7 +96,8 @@ def _measure(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int)
     # of one and of MANY sequences.
     beyond = {}
     for seqs in (1, MANY):
-        roofline = StepTime(spec, device).seconds(seqs, seqs, seqs * (CONTEXT + 1), seqs * (CONTEXT + 1))
+        step = StepTime(spec, device, dtype_bytes=config.dtype.itemsize)
+        roofline = step.seconds(seqs, seqs, seqs * (CONTEXT + 1), seqs * (CONTEXT + 1))
         beyond[seqs] = max(0.0, _decode_step_s(config, spec, seqs) - roofline) / spec.num_layers
     per_seq = max(0.0, (beyond[MANY] - beyond[1]) / (MANY - 1))
     fields = {k: getattr(device, k) for k in Device.__slots__}

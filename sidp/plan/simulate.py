@@ -31,11 +31,11 @@ class Prediction:
 
 
 def replica_step_times(
-    spec: ModelSpec, device: Device, cap: Capacity, cache_slots: int = 2
+    spec: ModelSpec, device: Device, cap: Capacity, cache_slots: int = 2, dtype_bytes: int = 2
 ) -> list[StepTime]:
     layout, placement = cap.layout, cap.placement
     if placement is None:
-        return [StepTime(spec, device, layout.tp) for _ in range(layout.dp)]
+        return [StepTime(spec, device, layout.tp, dtype_bytes=dtype_bytes) for _ in range(layout.dp)]
     return [
         StepTime(
             spec,
@@ -46,6 +46,7 @@ def replica_step_times(
             layout.mode,
             cache_slots,
             embed_remote="embed" in layout.parts and placement.embed_owner != rank,
+            dtype_bytes=dtype_bytes,
         )
         for rank in range(layout.dp)
     ]

@@ -18,8 +18,6 @@ from sidp.plan.hardware import Device
 from sidp.plan.models import tensor_shard
 from sidp.pool.policy import ROWS_GRID, Calibration, ModePolicy
 
-DTYPE_BYTES = 2  # bf16 weights, activations and KV
-
 
 class StepTime:
     def __init__(
@@ -32,15 +30,18 @@ class StepTime:
         mode: str = "auto",
         cache_slots: int = 2,
         embed_remote: bool = False,
+        dtype_bytes: int = 2,
     ):
-        """spec: the whole model; parts, remote_layers: what this replica borrows (none: plain DP)."""
+        """spec: the whole model; parts, remote_layers: what this replica borrows (none: plain DP);
+        dtype_bytes: of weights, activations and KV (bf16 by default)."""
+        self.dtype_bytes = dtype_bytes
         self.spec = shard = tensor_shard(spec, tp)
         self.device, self.tp, self.mode = device, tp, mode
         self.num_layers = spec.num_layers
-        self.pooled_bytes = piece_bytes(shard, DTYPE_BYTES, parts)
-        self.held_bytes = sum(layer_weight_bytes(shard, DTYPE_BYTES).values()) - self.pooled_bytes
-        self.kv_bytes_per_token = 2 * shard.kv_size * DTYPE_BYTES  # one layer's K and V
-        self.head_bytes = shard.vocab_size * shard.hidden_size * DTYPE_BYTES
+        self.pooled_bytes = piece_bytes(shard, dtype_bytes, parts)
+        self.held_bytes = sum(layer_weight_bytes(shard, dtype_bytes).values()) - self.pooled_bytes
+        self.kv_bytes_per_token = 2 * shard.kv_size * dtype_bytes  # one layer's K and V
+        self.head_bytes = shard.vocab_size * shard.hidden_size * dtype_bytes
         self.head_link_s = self.head_bytes / device.link_bw if embed_remote and mode != "map" else 0.0
         self.remote_layers = remote_layers
         self.policy = None
@@ -56,20 +57,20 @@ class StepTime:
 
     def pooled_s(self, rows: int) -> float:
         """One layer's pooled ops on `rows` tokens."""
-        return self.device.roofline_s(2 * rows * self.pooled_bytes / DTYPE_BYTES, self.pooled_bytes)
+        return self.device.roofline_s(2 * rows * self.pooled_bytes / self.dtype_bytes, self.pooled_bytes)
 
     def seconds(self, tokens: int, seqs: int, attended: int, kv_read: int) -> float:
         """A step of `tokens` new tokens from `seqs` sequences, whose queries meet `attended` keys in all
         and which read `kv_read` tokens of KV per layer."""
-        device, shard = self.device, self.spec
-        params = self.held_bytes / DTYPE_BYTES
+        device, shard, dtype_bytes = self.device, self.spec, self.dtype_bytes
+        params = self.held_bytes / dtype_bytes
         held_flops = 2 * tokens * params + 4 * shard.num_heads * shard.head_dim * attended
         held_bytes = self.held_bytes + kv_read * self.kv_bytes_per_token
         layer = (
             device.roofline_s(held_flops, held_bytes) + device.layer_overhead_s + seqs * device.seq_overhead_s
         )
         if self.tp > 1:  # two all-reduces of the hidden states per layer
-            layer += 2 * (tokens * shard.hidden_size * DTYPE_BYTES / device.link_bw + device.round_trip_s / 2)
+            layer += 2 * (tokens * shard.hidden_size * dtype_bytes / device.link_bw + device.round_trip_s / 2)
         owned = self.num_layers - self.remote_layers
         pooled = owned * self.pooled_s(tokens) if self.pooled_bytes else 0.0
         if self.policy:
@@ -77,7 +78,7 @@ class StepTime:
             self.modes[mode] += 1
             pooled += self.policy.costs(tokens)[mode]
         head = max(
-            device.roofline_s(2 * seqs * self.head_bytes / DTYPE_BYTES, self.head_bytes), self.head_link_s
+            device.roofline_s(2 * seqs * self.head_bytes / dtype_bytes, self.head_bytes), self.head_link_s
         )
         return self.num_layers * layer + pooled + head + device.step_overhead_s
 
