@@ -15,14 +15,11 @@ from sidp.engine_args import add_engine_arguments, add_pool_arguments, llm_from_
 from sidp.errors import SidpError
 from sidp.pool.placement import Placement, parse_parts
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-        return 0
+        return args.func(args) or 0
     except (SidpError, OSError) as error:
         print(f"sidp: error: {error}", file=sys.stderr)
         return 2
@@ -44,15 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
     gen.add_argument(
-        "--input", type=Path, help="JSONL: one {id, prompt | messages, sampling fields} per line"
+        "--input",
+        type=Path,
+        help="JSONL: OpenAI Batch lines {custom_id, method, url, body}, or {id, prompt | messages, "
+        "sampling fields}",
     )
-    gen.add_argument("--output", type=Path, help="write results as JSONL here instead of printing them")
+    gen.add_argument(
+        "--output",
+        type=Path,
+        help="append results here as they finish (a rerun skips ids already there); bad lines go to "
+        "OUTPUT's stem + .errors.jsonl",
+    )
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--strict", action="store_true", help="stop at the first bad line, before any work")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="architecture, parameters and bytes by part of a model")
@@ -78,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from sidp.sampling_params import SamplingParams
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sidp.batch.job import errors_path, parse_requests, read_lines, run_job
 
-    records = read_requests(args)
+    if args.input is not None and args.prompt:
+        raise SidpError("Give --prompt or --input, not both.")
+    if args.input is not None:
+        raw, source = read_lines(args.input), str(args.input)
+    else:
+        raw, source = [json.dumps(r).encode() for r in _prompt_records(args)], "the embedded prompts"
+    good, errors = parse_requests(raw, source, args.strict)  # a bad file fails before the model loads
     if args.output is not None:
         _check_writable(args.output)
+        _check_writable(errors_path(args.output))
     llm = llm_from_args(args)
     defaults = dict(
         temperature=args.temperature,
@@ -92,76 +105,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         max_tokens=args.max_tokens,
     )
-    params = [SamplingParams(**{**defaults, **{k: r[k] for k in SAMPLING_FIELDS if k in r}}) for r in records]
-    chat = [i for i, r in enumerate(records) if "messages" in r]
-    plain = [i for i, r in enumerate(records) if "messages" not in r]
-    results = {}
     show = not args.quiet and sys.stderr.isatty()
-    if chat:
-        outs = llm.chat([records[i]["messages"] for i in chat], [params[i] for i in chat], use_tqdm=show)
-        results.update(zip(chat, outs, strict=True))
-    if plain:
-        outs = llm.generate([records[i]["prompt"] for i in plain], [params[i] for i in plain], use_tqdm=show)
-        results.update(zip(plain, outs, strict=True))
-    write_results(records, [results[i] for i in range(len(records))], args.output)
+    summary, results = run_job(llm, good, errors, source, args.output, defaults, args.strict, show)
+    if args.output is None:
+        for request, out in results:
+            question = request.messages[-1]["content"] if request.messages else request.prompt
+            print(f"### {question}\n{out.outputs[0].text.strip()}\n")
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    for error in summary.errors[:5]:
+        print(f"  line {error['line']}: {error['error']}", file=sys.stderr)
+    if summary.failed and args.output is not None:
+        print(f"  (all failures in {errors_path(args.output)})", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
-def read_requests(args: argparse.Namespace) -> list[dict]:
-    if args.input is not None and args.prompt:
-        raise SidpError("Give --prompt or --input, not both.")
-    if args.prompt:
-        key = "prompt" if args.raw else "messages"
-        return [
-            {"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}
-            for i, p in enumerate(args.prompt)
-        ]
-    if args.input is None:
+def _prompt_records(args: argparse.Namespace) -> list[dict]:
+    """--prompt texts as plain lines, or the embedded default job."""
+    if not args.prompt:
         text = resources.files("sidp").joinpath("data/prompts.jsonl").read_text()
-        return parse_jsonl(text.splitlines(), "the embedded prompts")
-    try:
-        lines = args.input.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SidpError(f"Cannot read --input {args.input}: {error}") from None
-    return parse_jsonl(lines, str(args.input))
-
-
-def parse_jsonl(lines: list[str], source: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SidpError(f"{source} line {number} is not valid JSON: {error.msg}.") from None
-        if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
-            raise SidpError(f'{source} line {number} needs exactly one of "prompt" or "messages".')
-        record.setdefault("id", f"line-{number}")
-        records.append(record)
-    if not records:
-        raise SidpError(f"{source} holds no requests.")
-    return records
-
-
-def write_results(records: list[dict], outputs: list, path: Path | None) -> None:
-    rows = [
-        {
-            "id": r["id"],
-            "text": o.outputs[0].text,
-            "finish_reason": o.outputs[0].finish_reason,
-            "prompt_tokens": len(o.prompt_token_ids),
-            "completion_tokens": len(o.outputs[0].token_ids),
-        }
-        for r, o in zip(records, outputs, strict=True)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    key = "prompt" if args.raw else "messages"
+    return [
+        {"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}
+        for i, p in enumerate(args.prompt)
     ]
-    if path is not None:
-        with path.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return
-    for record, row in zip(records, rows, strict=True):
-        question = record["messages"][-1]["content"] if "messages" in record else record["prompt"]
-        print(f"### {question}\n{row['text'].strip()}\n")
 
 
 def _check_writable(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -165,13 +166,17 @@ class LLM:
         prompts: PromptLike | Seq[PromptLike],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        on_output: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
+        """on_output(index, output): called as each request finishes, in finishing order (batch jobs
+        write results as they come)."""
         items = [prompts] if _is_single_prompt(prompts) else list(prompts)
         token_lists = [self._tokenize(p, i) for i, p in enumerate(items)]
         texts = [
             p if isinstance(p, str) else (p.get("prompt") if isinstance(p, dict) else None) for p in items
         ]
-        return self._run(texts, token_lists, self._per_request(sampling_params, len(items)), use_tqdm)
+        params = self._per_request(sampling_params, len(items))
+        return self._run(texts, token_lists, params, use_tqdm, on_output)
 
     def chat(
         self,
@@ -179,6 +184,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        on_output: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if self.tokenizer.chat_template is None:
@@ -190,7 +196,8 @@ class LLM:
         token_lists = [
             self._check(self.tokenizer.encode(t, add_special_tokens=False), i) for i, t in enumerate(texts)
         ]
-        return self._run(texts, token_lists, self._per_request(sampling_params, len(texts)), use_tqdm)
+        params = self._per_request(sampling_params, len(texts))
+        return self._run(texts, token_lists, params, use_tqdm, on_output)
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -236,9 +243,10 @@ class LLM:
             )
         return params
 
-    def _run(self, texts, token_lists, params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, params, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
         bar = tqdm(total=len(token_lists), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         started, tokens_in, tokens_out = time.perf_counter(), 0, 0
+        first_id = self._next_request_id
 
         def on_finish(done: FinishedRequest) -> None:
             nonlocal tokens_in, tokens_out
@@ -251,6 +259,9 @@ class LLM:
                 refresh=False,
             )
             bar.update(1)
+            if on_output is not None:
+                i = done.seq_id
+                on_output(i, self._output(str(first_id + i), done, texts[i], token_lists[i]))
 
         try:
             finished = self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
@@ -258,7 +269,7 @@ class LLM:
             bar.close()
         for counters in self.replica_counters():
             logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items() if k != "probes"))
-        first_id, self._next_request_id = self._next_request_id, self._next_request_id + len(finished)
+        self._next_request_id = first_id + len(finished)
         return [
             self._output(str(first_id + i), done, text, ids)
             for i, (done, text, ids) in enumerate(zip(finished, texts, token_lists, strict=True))

@@ -68,16 +68,12 @@ def test_generate_jsonl_in_order_with_per_line_params(model, tmp_path):
     assert rows[2]["completion_tokens"] <= 6
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [("{not json\n", "line 1 is not valid JSON"), ('{"id": 1}\n', "exactly one of"), ("\n\n", "no requests")],
-)
-def test_bad_input_file(model, tmp_path, capsys, content, message):
+def test_a_file_without_requests_fails_in_one_line(model, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text(content)
+    source.write_text("\n\n")
     assert main(["generate", *engine_args(model), "--input", str(source)]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert "holds no requests" in err and len(err.splitlines()) == 1
 
 
 def test_user_errors_print_one_line_without_traceback(tmp_path):

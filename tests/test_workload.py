@@ -132,13 +132,14 @@ def test_the_embedded_prompts_are_a_jsonl_workload(tokenizer):
     "bad_line, words",
     [
         ("{not json", "not valid JSON"),
-        (json.dumps({"text": "neither"}), 'exactly one of "prompt" or "messages"'),
+        (json.dumps({"text": "neither"}), "unknown field(s) text"),
+        (json.dumps({"id": "a"}), 'exactly one of "prompt" or "messages"'),
         (json.dumps({"prompt": "x", "max_tokens": 0}), "max_tokens"),
         (json.dumps({"prompt": "x", "max_tokens": "5"}), "max_tokens"),
         (json.dumps({"prompt": "x", "max_tokens": True}), "max_tokens"),
-        (json.dumps({"prompt": ""}), "empty prompt"),
-        (json.dumps({"prompt": 5}), "cannot be tokenized"),
-        (json.dumps({"messages": 5}), "cannot be tokenized"),
+        (json.dumps({"prompt": ""}), '"prompt" must be a non-empty string'),
+        (json.dumps({"prompt": 5}), '"prompt" must be a non-empty string'),
+        (json.dumps({"messages": 5}), '"messages" must be a non-empty list'),
     ],
 )
 def test_jsonl_names_the_file_and_line_of_a_bad_line(tokenizer, tmp_path, bad_line, words):
@@ -152,7 +153,7 @@ def test_jsonl_names_the_file_and_line_of_a_bad_line(tokenizer, tmp_path, bad_li
 def test_jsonl_messages_need_a_chat_template(tokenizer, tmp_path):
     tokenizer.chat_template = None
     path = _write(tmp_path, [json.dumps({"messages": CHAT})])
-    with pytest.raises(SidpError, match="line 1 has messages, but the model has no chat template"):
+    with pytest.raises(SidpError, match="line 1: the model has no chat template"):
         jsonl_workload(path, tokenizer, (2, 2))
 
 

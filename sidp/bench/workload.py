@@ -96,45 +96,30 @@ def scaled(tokens: int, scale: float) -> int:
 def jsonl_workload(
     path: Path, tokenizer: PreTrainedTokenizerBase, output_len: tuple[int, int], *, seed: int = 0
 ) -> list[Request]:
-    """One request per line of `path`, in the format `sidp generate --input` reads; a line's `max_tokens`
-    is its output length, else one drawn uniformly from `output_len`."""
-    # Imported here: sidp.cli builds the bench's parser, so a module-level import would be circular.
-    from sidp.cli import parse_jsonl
+    """One request per line of `path`, in a format `sidp generate --input` reads (OpenAI Batch or plain);
+    a line's max_tokens is its output length, else one drawn uniformly from `output_len`."""
+    from sidp.batch.formats import LineError, parse_line, prompt_token_ids
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise SidpError(f"Cannot read the workload {path}: {error}") from None
-    records = parse_jsonl(lines, str(path))
-    numbers = [n for n, line in enumerate(lines, 1) if line.strip()]  # parse_jsonl skips blank lines alone
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise SidpError(f"{path} holds no requests.")
     rng = np.random.default_rng(seed)
-    drawn = rng.integers(output_len[0], output_len[1], size=len(records), endpoint=True)
+    drawn = rng.integers(output_len[0], output_len[1], size=len(numbered), endpoint=True)
     requests = []
-    for number, record, default in zip(numbers, records, drawn, strict=True):
-        max_tokens = record.get("max_tokens", int(default))
-        if type(max_tokens) is not int or max_tokens < 1:  # bool is an int subclass, and no length
-            raise SidpError(f"{path} line {number}: max_tokens must be a whole number of at least 1.")
-        requests.append(Request(prompt_ids(tokenizer, record, f"{path} line {number}"), max_tokens))
+    for (number, line), default in zip(numbered, drawn, strict=True):
+        try:
+            request = parse_line(line, number)
+            max_tokens = request.sampling.get("max_tokens", int(default))
+            if type(max_tokens) is not int or max_tokens < 1:  # bool is an int subclass, and no length
+                raise LineError("max_tokens must be a whole number of at least 1")
+            requests.append(Request(prompt_token_ids(tokenizer, request), max_tokens))
+        except LineError as error:
+            raise SidpError(f"{path} line {number}: {error}.") from None
     return requests
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, record: dict, where: str) -> list[int]:
-    """The record's prompt as LLM.generate (a "prompt") or LLM.chat (its "messages") would tokenize it."""
-    if "messages" in record and tokenizer.chat_template is None:
-        raise SidpError(f"{where} has messages, but the model has no chat template; give a prompt instead.")
-    try:
-        if "prompt" in record:
-            ids = tokenizer.encode(record["prompt"])
-        else:
-            text = tokenizer.apply_chat_template(
-                record["messages"], add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer.encode(text, add_special_tokens=False)
-    except Exception as error:  # tokenizers and jinja raise many types here; all mean a malformed line
-        raise SidpError(f"{where} cannot be tokenized ({error}); check its prompt or messages.") from None
-    if not ids:
-        raise SidpError(f"{where} has an empty prompt.")
-    return ids
 
 
 def build_workload(

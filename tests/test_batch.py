@@ -1,0 +1,153 @@
+"""Batch jobs: OpenAI Batch and plain lines in, results out as they finish, resumable, bad lines
+recorded without costing good ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import new_shm_entries, shm_entries
+
+from sidp.cli import main
+
+CHAT = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return str(tiny_model("llama"))
+
+
+def engine_args(model: str) -> list[str]:
+    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet"]
+
+
+def openai_line(custom_id: str, chat: bool = True, **body) -> dict:
+    url = "/v1/chat/completions" if chat else "/v1/completions"
+    source = {"messages": CHAT} if chat else {"prompt": "once upon a time"}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "m", **source, **body}}
+
+
+def write_lines(path, lines) -> None:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
+
+
+def read_output(path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().split("\n") if line]
+    by_id = {r.get("custom_id", r.get("id")): r for r in rows}
+    assert len(by_id) == len(rows), "an id appears twice"
+    return by_id
+
+
+def generate(model: str, source, target, *extra: str) -> int:
+    return main(["generate", *engine_args(model), "--input", str(source), "--output", str(target), *extra])
+
+
+def test_openai_and_plain_lines_get_answers_in_their_own_format(model, tmp_path):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        openai_line("chat-1", max_tokens=4, temperature=0),
+        openai_line("text-1", chat=False, max_completion_tokens=3, temperature=0),
+        {"id": "plain-1", "prompt": "hi", "max_tokens": 5, "ignore_eos": True},
+    ]
+    write_lines(source, lines)
+    assert generate(model, source, target, "--temperature", "0") == 0
+    out = read_output(target)
+    chat = out["chat-1"]
+    assert chat["id"] == "batch_req_chat-1" and chat["error"] is None
+    body = chat["response"]["body"]
+    assert chat["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    usage = body["usage"]
+    assert 1 <= usage["completion_tokens"] <= 4
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    text = out["text-1"]["response"]["body"]
+    assert text["object"] == "text_completion" and "text" in text["choices"][0]
+    assert text["usage"]["completion_tokens"] <= 3
+    assert out["plain-1"]["completion_tokens"] == 5 and "text" in out["plain-1"]
+    assert (tmp_path / "out.errors.jsonl").read_text() == ""
+
+
+def test_every_kind_of_bad_line_is_recorded_and_the_good_lines_finish(model, tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "good-1", "prompt": "one", "max_tokens": 2},
+        b"{not json",
+        {"id": "odd", "prompt": "x", "colour": "blue"},
+        {"id": "long", "prompt": "word " * 1200},
+        {"id": "empty", "prompt": ""},
+        b'{"id": "bytes", "prompt": "caf\xe9"}',
+        {"id": "good-1", "prompt": "again"},
+        openai_line("stop", stop=["\n"]),
+        {"id": "cold", "prompt": "x", "temperature": -1},
+        openai_line("good-2", max_tokens=2),
+    ]
+    write_lines(source, lines)
+    assert generate(model, source, target) == 1
+    assert set(read_output(target)) == {"good-1", "good-2"}
+    errors = {e["line"]: e["error"] for e in map(json.loads, (tmp_path / "out.errors.jsonl").open())}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert "not valid JSON" in errors[2]
+    assert "unknown field(s) colour" in errors[3]
+    assert "max_model_len" in errors[4]
+    assert "non-empty" in errors[5]
+    assert "not UTF-8" in errors[6]
+    assert "duplicate id 'good-1' (first on line 1)" in errors[7]
+    assert "stop" in errors[8]
+    assert "temperature" in errors[9]
+    err = capsys.readouterr().err
+    assert "2 ok, 0 already done, 8 failed" in err
+
+
+def test_strict_stops_at_the_first_bad_line_before_any_work(model, tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(source, [{"id": "a", "prompt": "x"}, b"{broken"])
+    assert generate(model, source, target, "--strict") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sidp: error: {source} line 2: not valid JSON")
+    assert not target.exists() or target.read_text() == ""
+
+
+def test_a_rerun_skips_finished_ids_and_drops_a_cut_line(model, tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [{"id": f"r{i}", "prompt": f"line {i}", "max_tokens": 6} for i in range(6)])
+    whole = tmp_path / "whole.jsonl"
+    assert generate(model, source, whole, "--temperature", "0") == 0
+    reference = read_output(whole)
+    # An interrupted run: three results written, the fourth cut off mid-line.
+    kept = whole.read_text().split("\n")[:3]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(kept) + "\n" + kept[0][:17])
+    assert generate(model, source, partial, "--temperature", "0") == 0
+    assert read_output(partial) == reference
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_job_killed_at_a_random_point_resumes_to_the_same_results(model, tmp_path, seed):
+    """SIGKILL a real `sidp generate` process (the driver of two replicas, as `kill -9 PID` or the OOM
+    killer would) after a random number of results, then rerun the same command: every id once, the
+    same greedy outputs as an uninterrupted run, nothing left in /dev/shm."""
+    source, target, whole = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+    write_lines(source, [{"id": f"r{i}", "prompt": f"request {i}", "max_tokens": 24} for i in range(24)])
+    argv = [sys.executable, "-m", "sidp.cli", "generate", *engine_args(model), "--temperature", "0"]
+    argv += ["--dp", "2", "--max-num-seqs", "2", "--input", str(source)]
+    shm_before = shm_entries()
+    assert subprocess.run([*argv, "--output", str(whole)], capture_output=True, timeout=300).returncode == 0
+    kill_after = 1 + (seed * 7) % 20
+    job = subprocess.Popen([*argv, "--output", str(target)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while job.poll() is None and time.monotonic() < deadline:
+        if target.exists() and target.read_bytes().count(b"\n") >= kill_after:
+            os.kill(job.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert job.wait(timeout=30) == -signal.SIGKILL  # killed mid-job, not finished before the kill
+    assert target.read_bytes().count(b"\n") < 24
+    assert subprocess.run([*argv, "--output", str(target)], capture_output=True, timeout=300).returncode == 0
+    assert read_output(target) == read_output(whole)
+    assert not new_shm_entries(shm_before, wait_s=10)  # the orphaned replicas notice and exit
