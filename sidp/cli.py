@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run prompts through a model (default: the embedded job)")
-    add_engine_arguments(gen)
+    add_engine_arguments(gen, dp=None)
     gen.add_argument(
         "--prompt", action="append", help="a prompt (repeatable); chat-templated when the model has one"
     )
@@ -111,13 +111,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for request, out in results:
             question = request.messages[-1]["content"] if request.messages else request.prompt
             print(f"### {question}\n{out.outputs[0].text.strip()}\n")
-    for line in summary.lines():
+    for line in [*summary.lines(), *_group_lines(llm)]:
         print(line, file=sys.stderr)
     for error in summary.errors[:5]:
         print(f"  line {error['line']}: {error['error']}", file=sys.stderr)
     if summary.failed and args.output is not None:
         print(f"  (all failures in {errors_path(args.output)})", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _group_lines(llm) -> list[str]:
+    """KV room and, for a SiDP group, how its replicas reached the layers they borrow."""
+    from sidp.bench.modes import totals
+
+    kv = ", ".join(f"{plan.kv_tokens:,}" for plan in llm.plans)
+    lines = [f"KV cache tokens per replica: {kv}"]
+    c = totals([], llm.replica_counters())
+    if c["steps"]:
+        lines.append(
+            f"steps: {c['steps']:,} ({c['steps_was']} WaS, {c['steps_cas']} CaS, {c['steps_map']} map), "
+            f"preemptions {c['preemptions']}, CaS requests {c['cas_sent']:,}, "
+            f"WaS {c['was_bytes_fetched'] / 1e9:.2f} GB"
+        )
+    return lines
 
 
 def _prompt_records(args: argparse.Namespace) -> list[dict]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from sidp.pool.modes import MODES
 from sidp.pool.placement import POLICIES
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto", dp: int | None = 1) -> None:
+    """dp: the default replica count; None: one per device (see group_size)."""
     parser.add_argument("--model", help="checkpoint folder or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--dtype", default=dtype, help=f"auto, float32, bfloat16, float16 ({dtype})")
     parser.add_argument("--max-model-len", type=int)
@@ -16,8 +18,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto") -
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--memory-per-replica", help="bytes or a size like 2GiB (default: half the RAM)")
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="replicas")
-    parser.add_argument("--weight-sharing", choices=("none", "sidp"), default="none")
+    parser.add_argument(
+        "--dp",
+        "--data-parallel-size",
+        dest="dp",
+        type=int,
+        default=dp,
+        help=f"replicas (default: {dp if dp else 'one per device; on a CPU with 2 or more cores, 2'})",
+    )
+    parser.add_argument(
+        "--weight-sharing", choices=("none", "sidp"), help="default: sidp with more than one replica"
+    )
     parser.add_argument(
         "--sidp-mode",
         choices=MODES,
@@ -41,6 +52,7 @@ def llm_from_args(args: argparse.Namespace, **overrides):
     """The LLM the options describe; `overrides` replace single LLM arguments (bench configurations)."""
     from sidp.llm import LLM
 
+    dp, sharing = group_size(args)
     kwargs = dict(
         model=args.model,
         dtype=args.dtype,
@@ -49,8 +61,8 @@ def llm_from_args(args: argparse.Namespace, **overrides):
         max_num_batched_tokens=args.max_num_batched_tokens,
         memory_per_replica=args.memory_per_replica,
         enable_prefix_caching=not args.no_prefix_caching,
-        data_parallel_size=args.dp,
-        weight_sharing=args.weight_sharing,
+        data_parallel_size=dp,
+        weight_sharing=sharing,
         sidp_mode=args.sidp_mode,
         placement=args.placement,
         cache_slots=args.cache_slots,
@@ -58,3 +70,12 @@ def llm_from_args(args: argparse.Namespace, **overrides):
         mode_probe_every=getattr(args, "probe_every", 0),
     )
     return LLM(**{**kwargs, **overrides})
+
+
+def group_size(args: argparse.Namespace) -> tuple[int, str]:
+    """(replicas, weight sharing): --dp, else one replica per device (a CPU of 2 or more cores counts
+    as 2 devices, one core each); SiDP whenever there is more than one replica, unless told otherwise."""
+    dp = args.dp
+    if dp is None:
+        dp = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    return dp, args.weight_sharing or ("sidp" if dp > 1 else "none")

@@ -24,7 +24,7 @@ def model(tiny_model):
 
 
 def engine_args(model: str) -> list[str]:
-    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet"]
+    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet", "--dp", "1"]
 
 
 def openai_line(custom_id: str, chat: bool = True, **body) -> dict:

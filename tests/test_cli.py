@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def model(tiny_model):
 
 
 def engine_args(model: str) -> list[str]:
-    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet"]
+    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet", "--dp", "1"]
 
 
 def test_generate_prompts(model, capsys):
@@ -109,3 +110,17 @@ def test_info_shows_who_owns_what(model, capsys):
     assert main(["info", model, "--dtype", "float32", "--dp", "2", "--placement", "contiguous"]) == 0
     out = capsys.readouterr().out
     assert "replica 0: owns layers 0-1" in out and "replica 1: owns layers 2 " in out
+
+
+def test_generate_runs_one_replica_per_device_with_sidp_by_default():
+    from sidp.cli import build_parser
+    from sidp.engine_args import group_size
+
+    def group(*argv: str) -> tuple[int, str]:
+        return group_size(build_parser().parse_args(["generate", *argv]))
+
+    cores = len(os.sched_getaffinity(0))
+    assert group() == ((2, "sidp") if cores >= 2 else (1, "none"))
+    assert group("--dp", "3") == (3, "sidp")
+    assert group("--dp", "2", "--weight-sharing", "none") == (2, "none")
+    assert group("--dp", "1") == (1, "none")

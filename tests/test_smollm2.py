@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,8 @@ def test_default_job_runs_end_to_end():
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("### ") == 12
     assert "KV cache size:" in run.stderr
+    assert "requests: 12 ok, 0 already done, 0 failed" in run.stderr
+    assert "starting 2 replicas" in run.stderr or len(os.sched_getaffinity(0)) < 2  # the default group
 
 
 def test_gguf_read_directly_equals_its_converted_folder():
