@@ -19,7 +19,8 @@ from sidp.pool.placement import Placement, parse_parts
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        status = args.func(args)  # generate's exit status; bench and plan return their reports
+        return status if isinstance(status, int) else 0
     except (SidpError, OSError) as error:
         print(f"sidp: error: {error}", file=sys.stderr)
         return 2
