@@ -1,4 +1,4 @@
-"""The `sidp` command: generate (the embedded default job, prompts, or a JSONL file), info, bench, plan.
+"""The `sidp` command: generate (the default job, prompts, or a batch file), merge, info, bench, plan.
 
 A mistake the user can fix ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--strict", action="store_true", help="stop at the first bad line, before any work")
+    gen.add_argument("--num-nodes", type=int, help="nodes sharing the input (default: torchrun's, else 1)")
+    gen.add_argument("--node-rank", type=int, help="this node's rank (default: torchrun's, else 0)")
     gen.set_defaults(func=cmd_generate)
+
+    merge = sub.add_parser("merge", help="join the output parts that the nodes of a job wrote")
+    merge.add_argument("output", type=Path, help="the --output every node was given")
+    merge.set_defaults(func=cmd_merge)
 
     info = sub.add_parser("info", help="architecture, parameters and bytes by part of a model")
     info.add_argument("model", nargs="?", help="checkpoint folder or .gguf (default: the embedded model)")
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sidp.batch.job import errors_path, parse_requests, read_lines, run_job
+    from sidp.batch.shard import node_of, part_path
 
     if args.input is not None and args.prompt:
         raise SidpError("Give --prompt or --input, not both.")
@@ -95,9 +102,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         raw, source = [json.dumps(r).encode() for r in _prompt_records(args)], "the embedded prompts"
     good, errors = parse_requests(raw, source, args.strict)  # a bad file fails before the model loads
-    if args.output is not None:
-        _check_writable(args.output)
-        _check_writable(errors_path(args.output))
+    output = args.output
+    num_nodes, node_rank = _nodes(args)
+    if num_nodes > 1:  # this node's share: ids by stable hash, bad lines by number
+        if output is None:
+            raise SidpError("A job on several nodes needs --output: each node writes its own part.")
+        good = [(n, r) for n, r in good if node_of(r.id, num_nodes) == node_rank]
+        errors = [e for e in errors if e["line"] % num_nodes == node_rank]
+        output = part_path(output, node_rank, num_nodes)
+    if output is not None:
+        _check_writable(output)
+        _check_writable(errors_path(output))
     llm = llm_from_args(args)
     defaults = dict(
         temperature=args.temperature,
@@ -107,8 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
     )
     show = not args.quiet and sys.stderr.isatty()
-    summary, results = run_job(llm, good, errors, source, args.output, defaults, args.strict, show)
-    if args.output is None:
+    summary, results = run_job(llm, good, errors, source, output, defaults, args.strict, show)
+    if output is None:
         for request, out in results:
             question = request.messages[-1]["content"] if request.messages else request.prompt
             print(f"### {question}\n{out.outputs[0].text.strip()}\n")
@@ -116,9 +131,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     for error in summary.errors[:5]:
         print(f"  line {error['line']}: {error['error']}", file=sys.stderr)
-    if summary.failed and args.output is not None:
-        print(f"  (all failures in {errors_path(args.output)})", file=sys.stderr)
+    if summary.failed and output is not None:
+        print(f"  (all failures in {errors_path(output)})", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _nodes(args: argparse.Namespace) -> tuple[int, int]:
+    from sidp.batch.shard import check_nodes, nodes_from_env
+
+    env_nodes, env_rank = nodes_from_env()
+    num_nodes = args.num_nodes if args.num_nodes is not None else env_nodes
+    node_rank = args.node_rank if args.node_rank is not None else env_rank
+    check_nodes(num_nodes, node_rank)
+    return num_nodes, node_rank
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from sidp.batch.shard import merge
+
+    results, parts = merge(args.output)
+    print(f"merged {results} results from {parts} parts into {args.output}")
 
 
 def _group_lines(llm) -> list[str]:

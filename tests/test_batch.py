@@ -151,3 +151,32 @@ def test_a_job_killed_at_a_random_point_resumes_to_the_same_results(model, tmp_p
     assert subprocess.run([*argv, "--output", str(target)], capture_output=True, timeout=300).returncode == 0
     assert read_output(target) == read_output(whole)
     assert not new_shm_entries(shm_before, wait_s=10)  # the orphaned replicas notice and exit
+
+
+def test_nodes_split_the_input_by_id_and_merge_joins_their_parts(model, tmp_path, monkeypatch):
+    from sidp.batch.shard import node_of, nodes_from_env
+
+    source, single, split = tmp_path / "in.jsonl", tmp_path / "one.jsonl", tmp_path / "split.jsonl"
+    lines = [{"id": f"r{i}", "prompt": f"line {i}", "max_tokens": 4} for i in range(10)]
+    write_lines(source, [*lines, b"{bad", {"id": "r0", "prompt": "dup"}])
+    assert generate(model, source, single, "--temperature", "0") == 1
+    owners = {node_of(x["id"], 2) for x in lines}
+    assert owners == {0, 1} and node_of("r3", 2) == node_of("r3", 2)
+    for rank in (0, 1):
+        generate(model, source, split, "--temperature", "0", "--num-nodes", "2", "--node-rank", str(rank))
+    part = tmp_path / "split.part-000-of-002.jsonl"
+    assert part.exists() and not split.exists()
+    assert main(["merge", str(split)]) == 0
+    assert read_output(split) == read_output(single)
+    errors = [json.loads(x) for x in (tmp_path / "split.errors.jsonl").read_text().split("\n") if x]
+    assert [e["line"] for e in errors] == [11, 12]  # each bad line recorded by one node only
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("GROUP_RANK", "3")
+    assert nodes_from_env() == (4, 3)
+
+
+def test_merge_refuses_missing_parts(tmp_path, capsys):
+    (tmp_path / "out.part-000-of-002.jsonl").write_text('{"id": "a"}\n')
+    assert main(["merge", str(tmp_path / "out.jsonl")]) == 2
+    assert "not one from each node" in capsys.readouterr().err
