@@ -87,8 +87,7 @@ class LLM:
         except SidpError:
             if not layout:
                 raise
-            plain = None  # SiDP may hold what plain DP cannot: say so beside it
-            logger.info("plain DP could not hold this model in memory_per_replica=%s", format_bytes(budget))
+            plain = None  # SiDP may hold what plain DP cannot: said below, once SiDP is known to
         self.plans = plans = (  # per replica
             [
                 plan_memory(
@@ -103,6 +102,8 @@ class LLM:
             if layout
             else [plain] * data_parallel_size
         )
+        if plain is None:
+            logger.info("plain DP could not hold this model in memory_per_replica=%s", format_bytes(budget))
         plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
         self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
         self.config = config = EngineConfig(

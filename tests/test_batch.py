@@ -180,3 +180,14 @@ def test_merge_refuses_missing_parts(tmp_path, capsys):
     (tmp_path / "out.part-000-of-002.jsonl").write_text('{"id": "a"}\n')
     assert main(["merge", str(tmp_path / "out.jsonl")]) == 2
     assert "not one from each node" in capsys.readouterr().err
+
+
+def test_a_budget_too_small_for_the_model_fails_in_one_line_before_any_work(model, tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [{"id": "a", "prompt": "x"}])
+    argv = [sys.executable, "-m", "sidp.cli", "generate", "--model", model, "--dp", "2", "--quiet"]
+    argv += ["--memory-per-replica", "1MiB", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "cannot hold this model" in lines[0], run.stderr
+    assert (tmp_path / "o.jsonl").read_text() == ""
