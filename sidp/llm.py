@@ -280,6 +280,8 @@ class LLM:
         self, request_id: str, done: FinishedRequest, prompt: str | None, ids: list[int]
     ) -> RequestOutput:
         text = self.tokenizer.decode(done.output_token_ids, skip_special_tokens=True)
+        if isinstance(done.stop_reason, str) and done.stop_reason in text:  # vLLM's rule: the text
+            text = text[: text.find(done.stop_reason)]  # ends before the stop string
         completion = CompletionOutput(0, text, done.output_token_ids, done.finish_reason, done.stop_reason)
         return RequestOutput(request_id, prompt, ids, [completion], num_cached_tokens=done.num_cached_tokens)
 

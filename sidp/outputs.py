@@ -11,7 +11,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop token) or "length" (max_tokens or max_model_len)
-    stop_reason: int | None = None  # the stop token id, when one ended the request
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
 
 
 @dataclass(slots=True)

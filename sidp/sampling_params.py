@@ -19,8 +19,14 @@ class SamplingParams:
     max_tokens: int | None = 16
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop: list[str] | str | None = None  # strings that end the request; the text stops before them
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SidpError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.")
         if self.n != 1:
             raise SidpError(
                 f"SamplingParams(n={self.n}) is not supported yet: sidp returns one completion (n=1)."

@@ -83,7 +83,7 @@ def test_every_kind_of_bad_line_is_recorded_and_the_good_lines_finish(model, tmp
         {"id": "empty", "prompt": ""},
         b'{"id": "bytes", "prompt": "caf\xe9"}',
         {"id": "good-1", "prompt": "again"},
-        openai_line("stop", stop=["\n"]),
+        openai_line("many", n=2),
         {"id": "cold", "prompt": "x", "temperature": -1},
         openai_line("good-2", max_tokens=2),
     ]
@@ -98,7 +98,7 @@ def test_every_kind_of_bad_line_is_recorded_and_the_good_lines_finish(model, tmp
     assert "non-empty" in errors[5]
     assert "not UTF-8" in errors[6]
     assert "duplicate id 'good-1' (first on line 1)" in errors[7]
-    assert "stop" in errors[8]
+    assert "n must be 1" in errors[8]
     assert "temperature" in errors[9]
     err = capsys.readouterr().err
     assert "2 ok, 0 already done, 8 failed" in err
@@ -191,3 +191,20 @@ def test_a_budget_too_small_for_the_model_fails_in_one_line_before_any_work(mode
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "cannot hold this model" in lines[0], run.stderr
     assert (tmp_path / "o.jsonl").read_text() == ""
+
+
+def test_a_stop_string_ends_the_text_before_it_as_vllm_does(model, tmp_path):
+    source, free, stopped = tmp_path / "in.jsonl", tmp_path / "free.jsonl", tmp_path / "stopped.jsonl"
+    write_lines(source, [openai_line("a", chat=False, max_tokens=40, temperature=0, ignore_eos=True)])
+    assert generate(model, source, free) == 0
+    body = read_output(free)["a"]["response"]["body"]
+    text = body["choices"][0]["text"]
+    assert len(text) > 20 and body["usage"]["completion_tokens"] == 40
+    stop = text[12:15]
+    line = openai_line("a", chat=False, max_tokens=40, temperature=0, ignore_eos=True, stop=stop)
+    write_lines(source, [line])
+    assert generate(model, source, stopped) == 0
+    body = read_output(stopped)["a"]["response"]["body"]
+    assert body["choices"][0]["text"] == text[: text.find(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < 40

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 # The sampling fields a line may set, with vLLM's names (OpenAI's max_completion_tokens too).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos")
+SAMPLING_FIELDS = (
+    *("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos"),
+)
 OPENAI_BODY_FIELDS = {"model", "messages", "prompt", "max_completion_tokens", "n", *SAMPLING_FIELDS}
 
 

@@ -32,7 +32,7 @@ class FinishedRequest:
     seq_id: int
     output_token_ids: list[int]
     finish_reason: str
-    stop_reason: int | None
+    stop_reason: int | str | None
     num_cached_tokens: int
 
     @classmethod
@@ -59,6 +59,7 @@ class LLMEngine:
             model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, pool)
             runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
         self.runner = runner
+        self._tokenizer = None  # loaded when a request first asks for stop strings
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_steps = 0
@@ -108,6 +109,9 @@ class LLMEngine:
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
             return True
+        if p.stop and (hit := self._stop_string(seq)) is not None:
+            seq.finish_reason, seq.stop_reason = "stop", hit
+            return True
         if not p.ignore_eos and token in self.config.eos_token_ids:
             seq.finish_reason = "stop"
             return True
@@ -115,6 +119,19 @@ class LLMEngine:
             seq.finish_reason = "length"
             return True
         return False
+
+    def _stop_string(self, seq: Sequence) -> str | None:
+        """The stop string the newest tokens completed, if any: only the tail is decoded, as long as the
+        longest stop string in tokens (a token is at least one character) plus a few for merged bytes."""
+        if self._tokenizer is None:
+            from sidp.model.checkpoint import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model)
+        stops = seq.params.stop
+        tail = self._tokenizer.decode(
+            seq.output_token_ids[-(max(map(len, stops)) + 4) :], skip_special_tokens=True
+        )
+        return next((s for s in stops if s in tail), None)
 
     def run(
         self, requests: list[tuple[list[int], SamplingParams]], on_finish: Callable[[FinishedRequest], None]

@@ -28,7 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
