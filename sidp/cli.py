@@ -99,8 +99,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SidpError("Give --prompt or --input, not both.")
     if args.input is not None:
         raw, source = read_lines(args.input), str(args.input)
+    elif args.prompt:
+        raw, source = [json.dumps(r).encode() for r in _prompt_records(args)], "--prompt"
     else:
-        raw, source = [json.dumps(r).encode() for r in _prompt_records(args)], "the embedded prompts"
+        raw = resources.files("sidp").joinpath("data/prompts.jsonl").read_bytes().split(b"\n")
+        source = "the embedded prompts"
     good, errors = parse_requests(raw, source, args.strict)  # a bad file fails before the model loads
     output = args.output
     num_nodes, node_rank = _nodes(args)
@@ -170,10 +173,7 @@ def _group_lines(llm) -> list[str]:
 
 
 def _prompt_records(args: argparse.Namespace) -> list[dict]:
-    """--prompt texts as plain lines, or the embedded default job."""
-    if not args.prompt:
-        text = resources.files("sidp").joinpath("data/prompts.jsonl").read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """--prompt texts as plain lines: chat messages unless --raw."""
     key = "prompt" if args.raw else "messages"
     return [
         {"id": f"prompt-{i}", key: p if args.raw else [{"role": "user", "content": p}]}

@@ -20,7 +20,7 @@ from sidp.engine.group import ReplicaGroup
 from sidp.engine.llm_engine import FinishedRequest, LLMEngine
 from sidp.errors import DoesNotFit, SidpError
 from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, plan_memory
-from sidp.model.checkpoint import load_tokenizer, read_config
+from sidp.model.checkpoint import chat_prompt, load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
 from sidp.pool.modes import MODES, default_mode
@@ -190,13 +190,9 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if self.tokenizer.chat_template is None:
             raise SidpError(f"{self.model_path} has no chat template; use generate() with plain prompts.")
-        texts = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
-            for c in conversations
-        ]
-        token_lists = [
-            self._check(self.tokenizer.encode(t, add_special_tokens=False), i) for i, t in enumerate(texts)
-        ]
+        prompts = [chat_prompt(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        texts = [text for text, _ in prompts]
+        token_lists = [self._check(ids, i) for i, (_, ids) in enumerate(prompts)]
         params = self._per_request(sampling_params, len(texts))
         return self._run(texts, token_lists, params, use_tqdm, on_output)
 
@@ -248,6 +244,7 @@ class LLM:
         bar = tqdm(total=len(token_lists), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         started, tokens_in, tokens_out = time.perf_counter(), 0, 0
         first_id = self._next_request_id
+        outputs: list[RequestOutput] = [None] * len(token_lists)  # each built (decoded) once, as it ends
 
         def on_finish(done: FinishedRequest) -> None:
             nonlocal tokens_in, tokens_out
@@ -260,21 +257,19 @@ class LLM:
                 refresh=False,
             )
             bar.update(1)
+            i = done.seq_id
+            outputs[i] = self._output(str(first_id + i), done, texts[i], token_lists[i])
             if on_output is not None:
-                i = done.seq_id
-                on_output(i, self._output(str(first_id + i), done, texts[i], token_lists[i]))
+                on_output(i, outputs[i])
 
         try:
-            finished = self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
+            self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
         finally:
             bar.close()
         for counters in self.replica_counters():
             logger.info("%s", ", ".join(f"{k} {v}" for k, v in counters.items() if k != "probes"))
-        self._next_request_id = first_id + len(finished)
-        return [
-            self._output(str(first_id + i), done, text, ids)
-            for i, (done, text, ids) in enumerate(zip(finished, texts, token_lists, strict=True))
-        ]
+        self._next_request_id = first_id + len(outputs)
+        return outputs
 
     def _output(
         self, request_id: str, done: FinishedRequest, prompt: str | None, ids: list[int]

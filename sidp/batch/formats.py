@@ -12,6 +12,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from sidp.model.checkpoint import chat_prompt
+
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 # The sampling fields a line may set, with vLLM's names (OpenAI's max_completion_tokens too).
 SAMPLING_FIELDS = (
@@ -106,8 +108,7 @@ def prompt_token_ids(tokenizer, request: BatchRequest) -> list[int]:
         if request.messages is None:
             ids = tokenizer.encode(request.prompt)
         else:
-            text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = chat_prompt(tokenizer, request.messages)[1]
     except Exception as error:  # tokenizers and jinja raise many types here; all mean a malformed line
         raise LineError(f"cannot be tokenized ({error}); check its prompt or messages") from None
     if not ids:

@@ -21,11 +21,14 @@ from sidp.sampling_params import SamplingParams
 class JobSummary:
     ok: int = 0  # finished in this run
     resumed: int = 0  # already in the output from an earlier run
-    failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
-    errors: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # one record per line that failed
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
 
     def lines(self) -> list[str]:
         speed = self.completion_tokens / self.wall_s if self.wall_s else 0.0
@@ -113,7 +116,6 @@ def run_job(
             if strict:
                 raise SidpError(f"{source} line {number}: {error}") from None
             errors.append({"line": number, "id": request.id, "error": str(error).rstrip(".")})
-    summary.failed = len(errors)
     summary.errors = errors
     if output is not None:
         errors_path(output).write_text("".join(json.dumps(e) + "\n" for e in errors), encoding="utf-8")

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from sidp.batch.formats import line_id
+from sidp.batch.job import errors_path
 from sidp.errors import SidpError
 
 
@@ -66,12 +67,10 @@ def merge(output: Path) -> tuple[int, int]:
             seen.add(request_id)
             lines.append(line + "\n")
     output.write_text("".join(lines), encoding="utf-8")
-    errors = [e for p in parts if (e := p.with_name(p.stem + ".errors.jsonl")).exists()]
+    errors = [e for p in parts if (e := errors_path(p)).exists()]
     merged_errors = sorted(
         (json.loads(x) for e in errors for x in e.read_text(encoding="utf-8").split("\n") if x),
         key=lambda record: record["line"],
     )
-    output.with_name(output.stem + ".errors.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in merged_errors), encoding="utf-8"
-    )
+    errors_path(output).write_text("".join(json.dumps(r) + "\n" for r in merged_errors), encoding="utf-8")
     return len(lines), len(parts)

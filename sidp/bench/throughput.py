@@ -205,7 +205,7 @@ def run_configs(
                 print(f"{heading}{label}: does not fit: {error}")
                 continue
             runs[label].append(run_sidp(llm, requests, warmup, label))
-            if predict:
+            if predict and round_ == args.rounds - 1:  # the same every round; the last is the one kept
                 runs[label][-1]["predicted"] = predict(llm, requests)
             line = throughput_line(runs[label][-1])
             print(f"{heading}{label}: {line}" if heading or len(configs) > 1 or args.rounds > 1 else line)

@@ -20,6 +20,7 @@ from sidp.engine.replica import STOP, replica_main
 from sidp.errors import SidpError
 from sidp.memory import MemoryPlan
 from sidp.model.spec import ModelSpec
+from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
 
 POLL_S = 0.5
@@ -154,9 +155,10 @@ class ReplicaGroup:
 
 def _cas_channels(ctx, size: int, wanted: bool) -> dict[int, tuple[dict, dict]]:
     """rank -> (owner -> requester end, requester -> owner end): one socket pair per ordered pair."""
+    transport = transport_for("cpu")
     channels = {rank: ({}, {}) for rank in range(size)}
     for requester in range(size if wanted else 0):
         for owner in range(size):
             if requester != owner:
-                channels[requester][0][owner], channels[owner][1][requester] = ctx.Pipe()
+                channels[requester][0][owner], channels[owner][1][requester] = transport.channel(ctx)
     return channels

@@ -79,6 +79,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """A conversation as the model reads it: the chat template's text, and its token ids (the template
+    already wrote the special tokens, so encoding adds none)."""
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The model's tokenizer (a transformers PreTrainedTokenizerBase), with its chat template."""
     from transformers import AutoTokenizer

@@ -3,6 +3,8 @@ scheduler on the same requests and memory plans, with steps priced on this CPU a
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
 from sidp.bench.workload import Request
@@ -84,4 +86,4 @@ def calibration_report(results: list[dict], device: Device, replicas: int) -> di
     """Predicted against measured for every configuration that ran; printed, and returned for the JSON."""
     rows = [compare(r, r["predicted"], replicas) for r in results if r.get("predicted")]
     print(f"\n{calibration_table(rows, device)}")
-    return {"device": {k: getattr(device, k) for k in Device.__slots__}, "rows": rows}
+    return {"device": asdict(device), "rows": rows}

@@ -1,10 +1,10 @@
 """This CPU as a roofline device, measured in a few seconds, so the planner's model can be checked
 against steps sidp really ran here (`sidp bench --predict`).
 
-Measured with the engine's own code on one layer's real weights: FLOP/s from the pooled MLP at 256
+Measured with the pool's own calibration on one layer's real weights: FLOP/s from the MLP at 256
 rows, streaming bandwidth from it at one row, the copy of a layer (WaS), a round trip through a
-socket pair (CaS), and the per-layer cost the roofline cannot see (Python, small kernels) from real
-single-sequence decode steps of the whole model.
+pipe to another process (CaS); and the costs the roofline cannot see (Python, small kernels), per
+layer and per sequence, from real decode steps of the whole model with 1 and 16 sequences.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -24,12 +26,15 @@ from sidp.model.linear import compute_dtype
 from sidp.model.spec import ModelSpec
 from sidp.plan.hardware import Device
 from sidp.plan.step_time import StepTime
-from sidp.pool.policy import best_of
+from sidp.pool.policy import calibrate
+from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
 
 CONTEXT = 128  # tokens of the sequence whose decode steps measure the overhead
 DECODE_STEPS = 8
-MANY = 16
+MANY = 16  # sequences in the second decode measurement
+ROWS = 256  # rows at which the MLP's FLOP/s is read (one row gives its streaming bandwidth)
+REPEATS = 5  # best of: with a sibling loading the machine, fewer runs read its noise as the CPU's speed
 
 
 def measure_cpu(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int = 0) -> Device:
@@ -68,25 +73,36 @@ def _sibling(spec: ModelSpec, dtype: torch.dtype, threads: int, ready, stop) -> 
 
 
 def _measure(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int) -> Device:
+    """The pool's own start-up calibration (sidp.pool.policy.calibrate) on layer 0's MLP, read as
+    roofline figures; then what the roofline misses, from real decode steps."""
     dtype = config.dtype
     checkpoint = open_checkpoint(config.model)
     weights = read_part(lambda name: checkpoint.read(name, dtype), spec, 0, "mlp")
     weight_bytes = layer_weight_bytes(spec, dtype.itemsize)["mlp"]
-    params = weight_bytes / dtype.itemsize
-    with torch.inference_mode():
-        x = torch.randn(256, spec.hidden_size, dtype=compute_dtype(dtype))
-        flops = 2 * 256 * params / best_of(5, lambda: project("mlp", x, weights))
-        one = x[:1].clone()
-        mem_bw = weight_bytes / best_of(5, lambda: project("mlp", one, weights))
-        slot = {name: torch.empty_like(t) for name, t in weights.items()}
-        link_bw = weight_bytes / best_of(5, lambda: [slot[n].copy_(t) for n, t in weights.items()])
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
+    echo.start()
+    try:
+        measured = calibrate(
+            spec,
+            compute_dtype(dtype),
+            weights,
+            ("mlp",),
+            ROWS,
+            transport_for("cpu").copy_into,
+            partial(_ping, ours),
+            repeats=REPEATS,
+        )
+    finally:
+        ours.send_bytes(b"")
+        echo.join(timeout=5)
     device = Device(
         name=f"this CPU, {threads} thread{'s' * (threads > 1)}",
         memory_bytes=config.memory_per_replica,
-        flops=flops,
-        mem_bw=mem_bw,
-        link_bw=link_bw,
-        round_trip_s=_round_trip_s(),
+        flops=2 * ROWS * (weight_bytes / dtype.itemsize) / measured.compute_s(ROWS),
+        mem_bw=weight_bytes / measured.compute_s(1),
+        link_bw=weight_bytes / measured.copy_s,
+        round_trip_s=measured.round_trip_s,
         layer_overhead_s=0.0,
         kind="cpu",
         # The prefetcher's copy runs on a core; only a core no replica computes on hides it.
@@ -96,30 +112,19 @@ def _measure(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int)
     # of one and of MANY sequences.
     beyond = {}
     for seqs in (1, MANY):
-        step = StepTime(spec, device, dtype_bytes=config.dtype.itemsize)
+        step = StepTime(spec, device, dtype_bytes=dtype.itemsize)
         roofline = step.seconds(seqs, seqs, seqs * (CONTEXT + 1), seqs * (CONTEXT + 1))
         beyond[seqs] = max(0.0, _decode_step_s(config, spec, seqs) - roofline) / spec.num_layers
     per_seq = max(0.0, (beyond[MANY] - beyond[1]) / (MANY - 1))
-    fields = {k: getattr(device, k) for k in Device.__slots__}
-    return Device(**{**fields, "layer_overhead_s": max(0.0, beyond[1] - per_seq), "seq_overhead_s": per_seq})
+    return replace(device, layer_overhead_s=max(0.0, beyond[1] - per_seq), seq_overhead_s=per_seq)
 
 
-def _round_trip_s() -> float:
-    """A few bytes out and back through a socket pair to another process, as a CaS request's signal goes."""
-    ours, theirs = multiprocessing.get_context("fork").Pipe()
-    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
-    echo.start()
-
-    def ping() -> float:
-        started = time.perf_counter()
-        ours.send_bytes(b"x" * 12)
-        ours.recv_bytes()
-        return time.perf_counter() - started
-
-    times = sorted(ping() for _ in range(21))
-    ours.send_bytes(b"")
-    echo.join(timeout=5)
-    return times[len(times) // 2]  # the median, as the pool's own calibration takes
+def _ping(channel) -> float:
+    """A CaS header's trip to another process and back, as the pool's calibration times its pings."""
+    started = time.perf_counter()
+    channel.send_bytes(b"x" * 12)
+    channel.recv_bytes()
+    return time.perf_counter() - started
 
 
 def _echo(channel) -> None:

@@ -6,14 +6,15 @@ from pathlib import Path
 
 
 def plot_plan(plan: dict, path: Path) -> None:
-    import matplotlib
+    # Imported here so matplotlib stays an optional extra; the Agg canvas draws without a display and
+    # without setting a global backend (as sidp.bench.sweep draws).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (kv_axes, speed_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lines = sorted({(r["tp"], r["config"]) for r in plan["rows"]})
-    for tp, config in lines:
+    figure = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(figure)
+    kv_axes, speed_axes = figure.subplots(1, 2)
+    for tp, config in sorted({(r["tp"], r["config"]) for r in plan["rows"]}):
         rows = [r for r in plan["rows"] if r["tp"] == tp and r["config"] == config and r["fits"]]
         label = f"{config}, TP={tp}"
         kv_axes.plot(
@@ -31,4 +32,3 @@ def plot_plan(plan: dict, path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from sidp.bench.workload import Request
+from sidp.bench.workload import SHAPE_OUTPUT_LEN, SHAPES, Request
 from sidp.errors import SidpError
 from sidp.plan.capacity import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, Capacity, Layout, capacity
 from sidp.plan.hardware import Device, gpu, gpu_specs
@@ -18,8 +19,6 @@ from sidp.pool.placement import parse_parts
 from sidp.pool.policy import ROWS_GRID
 
 POOLING = ("mlp", "mlp,attn", "mlp,attn,embed")
-SHAPES = {"summarization": 1024, "code": 2048, "conversation": 4096}  # the paper's input lengths
-OUTPUT_LEN = 256
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp", default="2,4,8", help="DP sizes, comma-separated, 2..8")
     parser.add_argument("--tp", default="1,2", help="TP sizes, comma-separated")
     parser.add_argument("--pooling", default=";".join(POOLING), help="SiDP pooling options, ';'-separated")
-    parser.add_argument("--seq-len", type=int, default=4096 + OUTPUT_LEN, help="for maximum concurrency")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=SHAPES["conversation"] + SHAPE_OUTPUT_LEN,
+        help="for maximum concurrency",
+    )
     parser.add_argument(
         "--workload",
         default="conversation",
@@ -69,14 +73,14 @@ def run(args: argparse.Namespace) -> dict:
     plan = {
         "model": name,
         "gpu": device.name,
-        "device": {k: getattr(device, k) for k in Device.__slots__},
+        "device": asdict(device),
         "seq_len": args.seq_len,
         "workload": None
         if args.workload == "none"
         else {
             "shape": args.workload,
             "input_len": SHAPES.get(args.workload),
-            "output_len": OUTPUT_LEN,
+            "output_len": SHAPE_OUTPUT_LEN,
             "requests_per_replica": args.requests_per_replica,
         },
         "rows": rows,
@@ -133,7 +137,7 @@ def plan_row(spec, device: Device, layout: Layout, args) -> dict:
 
 def predict(spec, device: Device, cap: Capacity, args) -> dict:
     n = args.requests_per_replica * cap.layout.dp
-    requests = [Request([0] * SHAPES[args.workload], OUTPUT_LEN) for _ in range(n)]
+    requests = [Request([0] * SHAPES[args.workload], SHAPE_OUTPUT_LEN) for _ in range(n)]
     try:
         p = simulate(
             spec, cap, replica_step_times(spec, device, cap), requests, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS

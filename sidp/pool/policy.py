@@ -58,18 +58,26 @@ def _run_ops(inputs: dict[str, torch.Tensor], piece: Weights) -> None:
 
 
 def calibrate(
-    spec, dtype: torch.dtype, piece: Weights, ops: tuple[str, ...], max_rows: int, copy_into, ping
+    spec,
+    dtype: torch.dtype,
+    piece: Weights,
+    ops: tuple[str, ...],
+    max_rows: int,
+    copy_into,
+    ping,
+    repeats: int = 2,
 ) -> Calibration:
-    """Measure on this machine, now: copying `piece`, running `ops` on it, and `ping()`'s round trip."""
+    """Measure on this machine, now: copying `piece`, running `ops` on it, and `ping()`'s round trip;
+    each time the best of `repeats` runs (of one more for the copy)."""
     slot = {name: torch.empty_like(t) for name, t in piece.items()}
-    copy_s = best_of(3, functools.partial(copy_piece, copy_into, slot, piece))
+    copy_s = best_of(repeats + 1, functools.partial(copy_piece, copy_into, slot, piece))
     del slot
     in_width, _ = op_widths(spec)
     compute = []
     with torch.inference_mode():
         for rows in (r for r in ROWS_GRID if r <= max(max_rows, 1)):
             inputs = {op: torch.randn(rows, in_width[op], dtype=dtype) for op in ops}
-            compute.append((rows, best_of(2, functools.partial(_run_ops, inputs, piece))))
+            compute.append((rows, best_of(repeats, functools.partial(_run_ops, inputs, piece))))
     round_trips = sorted(ping() for _ in range(21))
     return Calibration(copy_s, round_trips[len(round_trips) // 2], tuple(compute))
 
