@@ -27,6 +27,7 @@ from sidp.pool.modes import MODES, default_mode
 from sidp.pool.placement import Placement, parse_parts, pool_share
 from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
+from sidp.signals import sigterm_interrupts
 
 logger = logging.getLogger("sidp")
 
@@ -263,7 +264,14 @@ class LLM:
                 on_output(i, outputs[i])
 
         try:
-            self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
+            with sigterm_interrupts():
+                self._backend.run(list(zip(token_lists, params, strict=True)), on_finish)
+        except KeyboardInterrupt:
+            finished = sum(out is not None for out in outputs)
+            raise KeyboardInterrupt(
+                f"interrupted: {finished} of {len(outputs)} requests had finished (each passed to on_output "
+                "as it did); every replica is stopped"
+            ) from None
         finally:
             bar.close()
         for counters in self.replica_counters():
@@ -290,13 +298,15 @@ class LLM:
         return [self._backend.counters[rank] for rank in sorted(self._backend.counters)]
 
     def close(self) -> None:
-        """Stop the replicas (if any); the LLM cannot generate afterwards."""
+        """Stop the replicas (if any); the LLM cannot generate afterwards. Also done when the LLM is
+        garbage-collected or the interpreter exits, and at the end of a `with LLM(...) as llm:` block."""
         self._backend.close()
 
-    def __del__(self) -> None:
-        backend = getattr(self, "_backend", None)
-        if backend is not None:
-            backend.close()
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_single_prompt(prompts) -> bool:

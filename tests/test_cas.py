@@ -83,8 +83,20 @@ def test_owner_failure_and_absence_raise_in_the_requester():
     with pytest.raises(RuntimeError, match="owner failed on layer 0 mlp"):  # layer 0 is not owned there
         client(0, "mlp", torch.randn(2, SPEC.hidden_size))
     served[0][0].close()  # the owner goes away
-    with pytest.raises(RuntimeError, match="replica 0, which serves layer 1, has gone"):
+    with pytest.raises(RuntimeError, match=r"CaS service of replica 0 \(layer 1\) has gone"):
         client(1, "mlp", torch.randn(2, SPEC.hidden_size))
+
+
+def test_a_service_thread_that_dies_is_an_error_for_requester_and_owner_not_a_hang():
+    (client, other), served = pair(2)
+    server = CasServer(SPEC, {1: piece()}, served)
+    client.channels[0][0].send_bytes(b"bad")  # the service thread dies on it
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"CaS service of replica 0 \(layer 1\) has gone"):
+        other(1, "mlp", torch.randn(2, SPEC.hidden_size))
+    assert time.monotonic() - started < 5
+    with pytest.raises(RuntimeError, match="CaS service stopped: error\("):
+        server.check()
 
 
 def test_policy_picks_cas_for_few_rows_and_was_for_many_and_learns_queueing():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from sidp.memory import layer_weight_bytes, plan_memory
 from sidp.model.spec import ModelSpec
 from sidp.pool.cas import cas_buffer_bytes
 from sidp.pool.placement import Placement, parse_parts, pool_share
+from sidp.pool.weight_cache import WeightCache
 
 SMOLLM2 = ModelSpec.from_hf_config(
     dict(
@@ -101,3 +104,24 @@ def test_start_up_table_sets_sidp_beside_plain_dp():
     assert f"({sidp.kv_tokens / dp.kv_tokens:.2f}x KV)" in text
     kv_row = next(line for line in text.splitlines() if line.strip().startswith("KV tokens"))
     assert kv_row.split()[-2:] == [f"{dp.kv_tokens:,}", f"{sidp.kv_tokens:,}"]
+
+
+def test_a_prefetch_thread_that_dies_is_an_error_in_acquire_not_a_hang():
+    peers = {layer: {"w": torch.full((4, 4), float(layer))} for layer in (1, 3)}
+    copies = []
+
+    def copy_into(slot: torch.Tensor, view: torch.Tensor) -> None:
+        if len(copies) == 2:
+            raise OSError("the owner's memory is gone")
+        copies.append(view)
+        slot.copy_(view)
+
+    cache = WeightCache([1, 3], peers, 1, copy_into)
+    assert cache.acquire(1)["w"][0, 0] == 1.0
+    cache.release()
+    assert cache.acquire(3)["w"][0, 0] == 3.0
+    cache.release()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="WaS prefetch thread stopped: OSError"):
+        cache.acquire(1)
+    assert time.monotonic() - started < 5

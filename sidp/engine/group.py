@@ -1,14 +1,21 @@
 """The driver's side of a data-parallel group: spawn replicas, hand out requests, gather results.
 
-Requests go into one shared queue that replicas pull from as they have room (offline load
-balancing); results come back in completion order and the caller restores input order. A replica
-that dies or fails stops the whole group within a second, with an error that names it.
+Replicas ask for requests as they have room (offline load balancing); results come back in completion
+order and the caller restores input order. The driver waits on each replica's pipe and on its process
+sentinel at once, so a replica that dies or fails stops the whole group at once, with an error that
+names it. Every way the group can end (close, an error, Ctrl-C, the LLM going out of scope, the
+interpreter exiting) stops every replica; and a replica dies with its driver (sidp.engine.lifeline).
 """
 
 from __future__ import annotations
 
-import queue
+import contextlib
+import multiprocessing.connection as mpc
+import os
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -16,10 +23,11 @@ import torch.multiprocessing as mp
 
 from sidp.config import EngineConfig
 from sidp.engine.llm_engine import FinishedRequest
-from sidp.engine.replica import STOP, replica_main
+from sidp.engine.replica import EMPTY, STOP, WAKE, replica_main
 from sidp.errors import SidpError
 from sidp.memory import MemoryPlan
 from sidp.model.spec import ModelSpec
+from sidp.pool import handoff
 from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
 
@@ -29,128 +37,170 @@ JOIN_S = 5.0
 
 class ReplicaGroup:
     def __init__(self, config: EngineConfig, spec: ModelSpec, plans: list[MemoryPlan]):
+        self.counters: dict[int, dict] = {}  # replica -> its latest cumulative figures
+        self.procs: list = []
+        self.conns: list[mpc.Connection] = []
+        self.hungry: set[int] = set()  # replicas told "empty": woken when requests come
+        self._turn = 0  # which replica's message is read first next time: each gets its turn
+        self._finalizer = weakref.finalize(self, _shut_down, self.procs, self.conns, False)
+        try:
+            self._start(config, spec, plans)
+        except BaseException:
+            self.close(at_once=True)
+            raise
+
+    def _start(self, config: EngineConfig, spec: ModelSpec, plans: list[MemoryPlan]) -> None:
         # spawn, not fork: fork would copy the driver's threads and torch state. torch's context sends
         # shared tensors as file descriptors, so a pool segment dies with its last holder.
         ctx = mp.get_context("spawn")
         size = len(plans)
-        self.counters: dict[int, dict] = {}  # replica -> its latest cumulative figures
-        self.requests = ctx.Queue()
-        self.results = ctx.Queue()
-        self.controls = controls = [ctx.Queue() for _ in range(size)]
         threads = max(1, torch.get_num_threads() // size)
         channels = _cas_channels(ctx, size, config.uses_cas)
-        self.procs = [
-            ctx.Process(
-                target=replica_main,
-                name=f"sidp-replica-{rank}",
-                daemon=True,
-                args=(
-                    rank,
-                    config,
-                    spec,
-                    plans[rank],
-                    threads,
-                    self.requests,
-                    self.results,
-                    controls[rank],
-                    channels[rank],
-                ),
-            )
-            for rank in range(size)
-        ]
-        for proc in self.procs:
+        main_thread = threading.current_thread() is threading.main_thread()
+        ends = []
+        for rank in range(size):
+            mine, theirs = ctx.Pipe()
+            self.conns.append(mine)
+            ends.append(theirs)
+            args = (rank, os.getpid(), main_thread, config, spec, plans[rank], threads, theirs)
+            args += (channels[rank],)
+            # daemon: should the interpreter's own exit hook come before ours, it stops them too
+            proc = ctx.Process(target=replica_main, name=f"sidp-replica-{rank}", args=args, daemon=True)
             proc.start()
-        for clients, servers in channels.values():  # the replicas hold their ends now
+            self.procs.append(proc)
+        for end in ends:  # the replicas hold their ends now: a dead replica's pipe reads as closed
+            end.close()
+        for clients, servers in channels.values():
             for end in (*clients.values(), *servers.values()):
                 end.close()
         if config.placement is not None:
-            pool: dict = {"layers": {}, "whole": {}, "buffers": {}}
-            for _ in range(size):
-                for key, handles in self._expect("owned").items():
-                    pool[key].update(handles)
-            for control in controls:
-                control.put(pool)
+            self._exchange_handles(size)
         for _ in range(size):
             self._expect("ready")
+        self.hungry = set(range(size))  # a replica asks for requests once woken
 
-    def _expect(self, kind: str):
-        """The next message, which must be of `kind`."""
-        got, payload = self._next()
+    def _exchange_handles(self, size: int) -> None:
+        """Pass every replica's exported tensors (by descriptor, unopened here) on to all replicas."""
+        pool: dict = {"layers": {}, "whole": {}, "buffers": {}}
+        fds: list[int] = []
+        try:
+            for _ in range(size):
+                rank = self._expect("owned")
+                handles, theirs = handoff.receive_handles(self.conns[rank])
+                fds += theirs
+                for key, part in handles.items():
+                    pool[key].update(part)
+            for conn in self.conns:
+                conn.send(("pool", None))
+                handoff.send(conn, pool)
+        finally:
+            handoff.close(fds)
+
+    def _expect(self, kind: str) -> int:
+        """The rank that sent the next message, which must be of `kind`."""
+        rank, got, _ = self._next()
         if got != kind:
-            self.close(at_once=True)
-            raise RuntimeError(f"replica sent {got!r} where the driver expected {kind!r}")
-        return payload
+            raise RuntimeError(f"replica {rank} sent {got!r} where the driver expected {kind!r}")
+        return rank
 
     def run(
         self, requests: list[tuple[list[int], SamplingParams]], on_finish: Callable[[FinishedRequest], None]
     ) -> list[FinishedRequest]:
         if not self.procs:
-            raise SidpError("This LLM's replicas have stopped after an earlier error; create a new LLM.")
+            raise SidpError("This LLM's replicas have stopped (closed, or after an error); create a new LLM.")
+        todo = deque(enumerate(requests))
+        finished: list[FinishedRequest | None] = [None] * len(requests)
         try:
-            for seq_id, (token_ids, params) in enumerate(requests):
-                self.requests.put((seq_id, token_ids, params))
-            finished: list[FinishedRequest | None] = [None] * len(requests)
-            for _ in requests:
-                _, (done, counters) = self._next()
-                self.counters[counters["replica"]] = counters
-                finished[done.seq_id] = done
-                on_finish(done)
+            for rank in self.hungry:
+                self.conns[rank].send(WAKE)
+            self.hungry.clear()
+            left = len(requests)
+            while left:
+                rank, kind, payload = self._next()
+                if kind == "pull" and todo:
+                    seq_id, (token_ids, params) = todo.popleft()
+                    self.conns[rank].send(("request", (seq_id, token_ids, params)))
+                elif kind == "pull":
+                    self.conns[rank].send(EMPTY)
+                    self.hungry.add(rank)
+                elif kind == "done":
+                    done, counters = payload
+                    self.counters[rank] = counters
+                    finished[done.seq_id] = done
+                    left -= 1
+                    on_finish(done)
+                else:
+                    raise RuntimeError(f"replica {rank} sent {kind!r} in the middle of a run")
             return finished
         except BaseException:
             self.close(at_once=True)  # requests handed out cannot be recalled: stop the group
             raise
 
-    def _next(self) -> tuple[str, object]:
+    def _next(self) -> tuple[int, str, object]:
+        """(rank, kind, payload) of the next message from any replica; raises if one failed or died."""
         while True:
-            try:
-                kind, payload = self.results.get(timeout=POLL_S)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            if kind == "error":
-                rank, trace = payload
-                # A peer's death is the cause worth naming, not its echo here; give the kernel a
-                # moment to finish reaping a replica whose sockets it has already closed.
-                for _ in range(5):
-                    self._check_alive()
-                    time.sleep(0.05)
-                self.close(at_once=True)
-                raise SidpError(f"Replica {rank} failed: {trace.strip().splitlines()[-1]}")
-            return kind, payload
+            sentinels = [proc.sentinel for proc in self.procs]
+            ready = mpc.wait([*self.conns, *sentinels], timeout=POLL_S)
+            size = len(self.conns)
+            for rank in (r % size for r in range(self._turn, self._turn + size)):
+                if self.conns[rank] not in ready:
+                    continue
+                try:
+                    kind, payload = self.conns[rank].recv()
+                except (EOFError, OSError):  # it died: its sentinel says how, below
+                    self.procs[rank].join(1.0)
+                    break
+                if kind == "error":
+                    self._fail_for(rank, payload)
+                self._turn = rank + 1
+                return rank, kind, payload
+            self._check_alive()
+
+    def _fail_for(self, rank: int, trace: str) -> None:
+        # A peer's death is the cause worth naming, not its echo here; give the kernel a moment to
+        # finish reaping a replica whose sockets it has already closed.
+        for _ in range(5):
+            self._check_alive()
+            time.sleep(0.05)
+        raise SidpError(f"Replica {rank} failed: {trace.strip().splitlines()[-1]}")
 
     def _check_alive(self) -> None:
-        # Only numbers stay in this frame: a Process kept alive by the traceback would keep the queues
-        # (its arguments), and their semaphores in /dev/shm, alive with it.
         dead = next(((rank, p.exitcode) for rank, p in enumerate(self.procs) if not p.is_alive()), None)
         if dead is not None:
-            self.close(at_once=True)
             raise SidpError(
                 f"Replica {dead[0]} died (exit code {dead[1]}); its requests are lost. "
                 "If the system killed it for memory, lower memory_per_replica."
             )
 
     def close(self, at_once: bool = False) -> None:
-        """Stop the replicas: politely when idle, at once after an error (they may hold requests)."""
-        if self.requests is None:
-            return
-        procs, self.procs = self.procs, []
-        if at_once:
-            self.requests.cancel_join_thread()  # undelivered requests must not keep the driver alive
-        for proc in procs:
+        """Stop the replicas: politely (they finish their step) or, after an error or an interrupt, at
+        once (they may hold requests that nobody will collect)."""
+        if self._finalizer.detach() is not None:
+            _shut_down(self.procs, self.conns, at_once)
+
+
+def _shut_down(procs: list, conns: list, at_once: bool) -> None:
+    """Stop every replica within JOIN_S, killing any that lingers; also what runs when the group is
+    garbage-collected or the interpreter exits (so it holds no reference to the group itself)."""
+    try:
+        for proc, conn in zip(procs, conns, strict=True):
             if at_once:
-                proc.terminate()
+                proc.kill()  # nothing in a replica needs cleaning up: the kernel frees all it holds
             else:
-                self.requests.put(STOP)
+                with contextlib.suppress(OSError):
+                    conn.send(STOP)
+        deadline = time.monotonic() + JOIN_S
         for proc in procs:
-            proc.join(JOIN_S)
+            proc.join(max(0.0, deadline - time.monotonic()))
+    finally:  # a second Ctrl-C while waiting lands here too: kill at once
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(JOIN_S)
-        # Dropping the queues unlinks their named semaphores from /dev/shm now, not at interpreter exit.
-        for q in (self.requests, self.results, *self.controls):
-            q.close()
-        self.requests = self.results = None
-        self.controls = []
+        for conn in conns:
+            conn.close()
+        procs.clear()
+        conns.clear()
 
 
 def _cas_channels(ctx, size: int, wanted: bool) -> dict[int, tuple[dict, dict]]:

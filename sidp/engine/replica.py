@@ -1,67 +1,105 @@
-"""A replica process: its own engine, pulling requests from the driver's queue whenever it has room.
+"""A replica process: its own engine, asking the driver for a request whenever it has room.
 
-Replicas never wait for each other: each admits a new request only once its scheduler has placed
-every request it holds, so a replica that is short of KV room leaves the rest of the queue to the
-others. Finished requests go straight back to the driver. A replica exits on the driver's stop
-message, or by itself when the driver has gone.
+Replicas never wait for each other: each asks for another request only once its scheduler has placed
+every request it holds, so a replica short of KV room leaves the rest to the others. The driver answers
+each ask with a request or "empty", and sends "wake" to a replica it told "empty" once it has requests
+again. Finished requests go straight back. One duplex pipe per replica carries all of it: a socket pair,
+which the kernel closes with either end's process, so neither side ever waits on one that has gone.
 """
 
 from __future__ import annotations
 
-import os
-import queue
+import contextlib
 import signal
 import traceback
 
 import torch
 
 from sidp.config import EngineConfig
+from sidp.engine.lifeline import tie_to_driver
 from sidp.engine.llm_engine import LLMEngine
 from sidp.memory import MemoryPlan
 from sidp.model.checkpoint import open_checkpoint
 from sidp.model.spec import ModelSpec
+from sidp.pool import handoff
 from sidp.pool.cas import new_buffer
 from sidp.pool.member import PoolMember
 from sidp.pool.provider import load_owned
 from sidp.pool.transport import transport_for
 
-STOP = None
-IDLE_POLL_S = 1.0  # how often an idle replica checks that its driver is still alive
+PULL, EMPTY, WAKE, STOP = ("pull", None), ("empty", None), ("wake", None), ("stop", None)
+POLL_S = 0.5  # how often a waiting replica looks at its own pool threads
+
+
+class _Stopped(Exception):
+    """The driver said stop, or has gone."""
 
 
 def replica_main(
     rank: int,
+    driver_pid: int,
+    kernel_signal: bool,
     config: EngineConfig,
     spec: ModelSpec,
     plan: MemoryPlan,
     threads: int,
-    requests,
-    results,
-    control,
+    conn,
     channels: tuple[dict, dict],
 ) -> None:
-    """channels: (owner -> my requester end, requester -> my owner end) of the CaS socket pairs."""
-    # Ctrl-C belongs to the driver, which stops the group; a replica dying on it would only add noise.
+    """conn: this replica's end of its pipe to the driver; channels: (owner -> my requester end,
+    requester -> my owner end) of the CaS socket pairs."""
+    # Ctrl-C in a terminal reaches the whole process group; the driver alone decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tie_to_driver(driver_pid, f"sidp-replica-{rank}", kernel_signal)
     torch.set_num_threads(threads)
-    driver = os.getppid()
     try:
-        pool = _join_pool(rank, config, spec, results, control, channels)
+        pool = _join_pool(rank, config, spec, conn, channels)
         engine = LLMEngine(config, spec, plan, pool)
-        results.put(("ready", rank))
-        while True:
-            if not _pull(engine, requests, driver):
-                return
-            if engine.has_work():
-                for done in engine.step():
-                    results.put(("done", (done, _counters(rank, engine, pool))))
+        conn.send(("ready", rank))
+        _serve(rank, engine, pool, conn)
+    except _Stopped:
+        return
     except Exception:
-        results.put(("error", (rank, traceback.format_exc())))
+        with contextlib.suppress(OSError):  # a driver that has gone needs no report
+            conn.send(("error", traceback.format_exc()))
 
 
-def _join_pool(
-    rank: int, config: EngineConfig, spec: ModelSpec, results, control, channels
-) -> PoolMember | None:
+def _serve(rank: int, engine: LLMEngine, pool: PoolMember | None, conn) -> None:
+    starved = True  # the driver has nothing for us (yet); it sends "wake" when it has
+    while True:
+        while not starved and engine.wants_requests():  # fill up before stepping
+            conn.send(PULL)
+            kind, payload = _receive(conn, pool, block=True)
+            if kind == "request":
+                engine.add_request(*payload)
+            else:
+                starved = kind == "empty"
+        if starved and _receive(conn, pool, block=not engine.has_work()) is not None:
+            starved = False  # "wake": the only message the driver sends unasked
+        if engine.has_work():
+            for done in engine.step():
+                conn.send(("done", (done, _counters(rank, engine, pool))))
+        if pool is not None:
+            pool.check()
+
+
+def _receive(conn, pool: PoolMember | None, block: bool):
+    """The driver's next message; None if there is none and block is False."""
+    while not conn.poll(POLL_S if block else 0):
+        if not block:
+            return None
+        if pool is not None:
+            pool.check()  # a pool thread that died is an error even while this replica waits
+    try:
+        message = conn.recv()
+    except (EOFError, OSError):
+        raise _Stopped from None
+    if message == STOP:
+        raise _Stopped
+    return message
+
+
+def _join_pool(rank: int, config: EngineConfig, spec: ModelSpec, conn, channels) -> PoolMember | None:
     """Load and export what this replica owns, receive everyone's handles, and become a pool member."""
     if config.placement is None:
         return None
@@ -77,8 +115,10 @@ def _join_pool(
     )
     clients, servers = channels
     buffers = {(rank, owner): transport.export(new_buffer(spec, config.dtype)) for owner in clients}
-    results.put(("owned", {"layers": layers, "whole": whole, "buffers": buffers}))
-    group = control.get()
+    conn.send(("owned", None))  # what this replica exports follows, its descriptors with it
+    handoff.send(conn, {"layers": layers, "whole": whole, "buffers": buffers})
+    _receive(conn, None, block=True)  # ("pool", None): everyone's, likewise
+    group = handoff.receive(conn)
     return PoolMember(
         spec,
         config.dtype,
@@ -103,21 +143,3 @@ def _counters(rank: int, engine: LLMEngine, pool: PoolMember | None) -> dict:
     if pool is not None:
         counters.update(pool.counters())
     return counters
-
-
-def _pull(engine: LLMEngine, requests, driver: int) -> bool:
-    """Take requests while the scheduler has room for them; False when the replica should exit."""
-    while engine.wants_requests():
-        try:
-            message = requests.get(block=not engine.has_work(), timeout=IDLE_POLL_S)
-        except queue.Empty:
-            if engine.has_work():
-                return True
-            if os.getppid() != driver:
-                return False
-            continue
-        if message is STOP:
-            return False
-        seq_id, token_ids, params = message
-        engine.add_request(seq_id, token_ids, params)
-    return True

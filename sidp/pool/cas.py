@@ -29,6 +29,8 @@ CAS_ROWS = 256  # rows per round trip; larger requests go through the buffer in 
 # A woken service thread needs the GIL, which the owner's own step loop holds between torch calls for
 # up to the interpreter's switch interval (5 ms by default): far longer than the round trip itself.
 SWITCH_INTERVAL_S = 1e-4
+# A last resort only: an owner that dies or whose service thread stops closes the channel at once.
+ANSWER_S = 60.0
 OPS = ("qkv", "o", "mlp", "ping")
 HEADER = struct.Struct("<iii")  # layer, op index, rows
 OK = b"\x01"
@@ -71,29 +73,45 @@ class CasServer:
         self.buffers = dict(channels)  # owner end of each requester's channel -> that pair's buffer
         self.served = 0
         self.fused = 0  # requests that shared a matmul with another
+        self.error: BaseException | None = None
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._serve, name="sidp-cas-service", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         open_conns = list(self.buffers)
-        with torch.inference_mode():
-            while open_conns:
-                waiting = defaultdict(list)
-                try:
-                    ready = mpc.wait(open_conns)
-                except (OSError, ValueError):  # a channel was closed in this process
-                    open_conns = [conn for conn in open_conns if not conn.closed]
-                    continue
-                for conn in ready:
-                    try:
-                        layer, op, rows = HEADER.unpack(conn.recv_bytes())
-                    except (EOFError, OSError):  # the requester has gone
-                        open_conns.remove(conn)
-                        continue
-                    waiting[layer, OPS[op]].append((conn, rows))
-                for (layer, op), requests in waiting.items():
-                    self._run(layer, op, requests)
+        try:
+            with torch.inference_mode():
+                while open_conns:
+                    open_conns = self._serve_ready(open_conns)
+        except BaseException as error:  # the owner's check() raises it; requesters see their pipes close
+            self.error = error
+        finally:
+            for conn in self.buffers:
+                conn.close()
+
+    def _serve_ready(self, open_conns: list) -> list:
+        """Serve the requests waiting now; return the channels still open."""
+        waiting = defaultdict(list)
+        try:
+            ready = mpc.wait(open_conns)
+        except (OSError, ValueError):  # a channel was closed in this process
+            return [conn for conn in open_conns if not conn.closed]
+        for conn in ready:
+            try:
+                layer, op, rows = HEADER.unpack(conn.recv_bytes())
+            except (EOFError, OSError):  # the requester has gone
+                open_conns.remove(conn)
+                continue
+            waiting[layer, OPS[op]].append((conn, rows))
+        for (layer, op), requests in waiting.items():
+            self._run(layer, op, requests)
+        return open_conns
+
+    def check(self) -> None:
+        """Raise what stopped the service thread, if it stopped on an error."""
+        if self.error is not None:
+            raise RuntimeError(f"this replica's CaS service stopped: {self.error!r}") from self.error
 
     def _run(self, layer: int, op: str, requests: list[tuple]) -> None:
         reply = OK
@@ -144,9 +162,11 @@ class CasClient:
     def _round_trip(self, conn, layer: int, op: str, rows: int, owner: int) -> None:
         try:
             conn.send_bytes(HEADER.pack(layer, OPS.index(op), rows))
+            if not conn.poll(ANSWER_S):
+                raise RuntimeError(f"replica {owner} has not answered a CaS request in {ANSWER_S:.0f} s")
             reply = conn.recv_bytes()
         except (EOFError, OSError):
-            raise RuntimeError(f"replica {owner}, which serves layer {layer}, has gone") from None
+            raise RuntimeError(f"the CaS service of replica {owner} (layer {layer}) has gone") from None
         self.sent += 1
         if reply != OK:
             raise RuntimeError(reply.decode(errors="replace"))

@@ -121,6 +121,13 @@ class PoolMember:
             self.policy.observe_copy(self.cache.last_copy_s)
         return hidden, elapsed
 
+    def check(self) -> None:
+        """Raise if a thread this replica runs for the pool (CaS service, WaS prefetch) has stopped."""
+        if self.server is not None:
+            self.server.check()
+        if self.cache is not None:
+            self.cache.check()
+
     # --- figures -----------------------------------------------------------------------------------
 
     def counters(self) -> dict:

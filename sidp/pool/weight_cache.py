@@ -15,6 +15,8 @@ import torch
 
 from sidp.model.decoder import Weights
 
+CHECK_S = 0.5  # how often a compute step waiting on a slot checks that the prefetcher still runs
+
 
 def copy_piece(copy_into, slot: Weights, piece: Weights) -> None:
     """One layer's pooled weights from a peer view into a slot, tensor by tensor."""
@@ -35,10 +37,17 @@ class WeightCache:
         self.bytes_fetched = 0
         self.wait_s = 0.0
         self.last_copy_s = 0.0  # how long the latest layer took to copy, as the run goes
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._prefetch, name="sidp-was-prefetch", daemon=True)
         self._thread.start()
 
     def _prefetch(self) -> None:
+        try:
+            self._fill_forever()
+        except BaseException as error:  # acquire() raises it instead of waiting forever
+            self.error = error
+
+    def _fill_forever(self) -> None:
         position = 0
         while True:
             self._free.acquire()
@@ -56,9 +65,15 @@ class WeightCache:
         assert self.order[self._next_use % len(self.order)] == layer, "remote layers used out of order"
         index = self._next_use % len(self.slots)
         started = time.perf_counter()
-        self._filled[index].acquire()
+        while not self._filled[index].acquire(timeout=CHECK_S):
+            self.check()
         self.wait_s += time.perf_counter() - started
         return self.slots[index]
+
+    def check(self) -> None:
+        """Raise what stopped the prefetch thread, if it stopped."""
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the WaS prefetch thread stopped: {self.error!r}") from self.error
 
     def release(self) -> None:
         self._next_use += 1
