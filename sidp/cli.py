@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -14,18 +15,22 @@ from pathlib import Path
 from sidp.engine_args import add_engine_arguments, add_pool_arguments, llm_from_args
 from sidp.errors import SidpError
 from sidp.pool.placement import Placement, parse_parts
+from sidp.signals import sigterm_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        status = args.func(args)  # generate's exit status; bench and plan return their reports
+        with sigterm_interrupts():
+            status = args.func(args)  # generate's exit status; bench and plan return their reports
         return status if isinstance(status, int) else 0
     except (SidpError, OSError) as error:
         print(f"sidp: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sidp: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the group is stopped; a second Ctrl-C ends us now
+        said = str(interrupt) if str(interrupt) not in ("", "SIGTERM") else "every replica is stopped"
+        print(f"sidp: interrupted: {said}", file=sys.stderr)
         return 130
 
 
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--strict", action="store_true", help="stop at the first bad line, before any work")
+    gen.add_argument("--fsync", action="store_true", help="make each result durable on disk as it is written")
     gen.add_argument("--num-nodes", type=int, help="nodes sharing the input (default: torchrun's, else 1)")
     gen.add_argument("--node-rank", type=int, help="this node's rank (default: torchrun's, else 0)")
     gen.set_defaults(func=cmd_generate)
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sidp.batch.job import errors_path, parse_requests, read_lines, run_job
+    from sidp.batch.output import OutputFile
     from sidp.batch.shard import node_of, part_path
 
     if args.input is not None and args.prompt:
@@ -113,19 +120,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         good = [(n, r) for n, r in good if node_of(r.id, num_nodes) == node_rank]
         errors = [e for e in errors if e["line"] % num_nodes == node_rank]
         output = part_path(output, node_rank, num_nodes)
-    if output is not None:
-        _check_writable(output)
+    if output is not None:  # refused now, before the model loads, if another run holds it
         _check_writable(errors_path(output))
-    llm = llm_from_args(args)
-    defaults = dict(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-    )
-    show = not args.quiet and sys.stderr.isatty()
-    summary, results = run_job(llm, good, errors, source, output, defaults, args.strict, show)
+        output = OutputFile(output, args.fsync)
+    try:
+        llm = llm_from_args(args)
+        defaults = dict(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+        )
+        show = not args.quiet and sys.stderr.isatty()
+        summary, results = run_job(llm, good, errors, source, output, defaults, args.strict, show)
+    finally:
+        if output is not None:
+            output.close()
     if output is None:
         for request, out in results:
             question = request.messages[-1]["content"] if request.messages else request.prompt
@@ -135,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for error in summary.errors[:5]:
         print(f"  line {error['line']}: {error['error']}", file=sys.stderr)
     if summary.failed and output is not None:
-        print(f"  (all failures in {errors_path(output)})", file=sys.stderr)
+        print(f"  (all failures in {errors_path(output.path)})", file=sys.stderr)
     return 1 if summary.failed else 0
 
 

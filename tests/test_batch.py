@@ -13,6 +13,8 @@ import time
 import pytest
 from helpers import new_shm_entries, shm_entries
 
+from sidp.batch.formats import content_id
+from sidp.batch.output import OutputFile
 from sidp.cli import main
 
 CHAT = [{"role": "user", "content": "hello there"}]
@@ -208,3 +210,34 @@ def test_a_stop_string_ends_the_text_before_it_as_vllm_does(model, tmp_path):
     assert body["choices"][0]["text"] == text[: text.find(stop)]
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] < 40
+
+
+def test_lines_without_id_are_named_by_content_so_an_edited_input_still_resumes(model, tmp_path):
+    """Ids follow a line's content, not its place: a rerun on an input with lines added in front and
+    reordered serves only the new lines; the same content twice is two requests."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    first = [{"prompt": f"line {i}", "max_tokens": 4} for i in range(3)]
+    write_lines(source, first)
+    assert generate(model, source, target, "--temperature", "0") == 0
+    done = read_output(target)
+    assert set(done) == {content_id(x) for x in first}
+    added = {"prompt": "a new first line", "max_tokens": 4}
+    write_lines(source, [added, first[2], first[0], first[1], first[0]])
+    assert generate(model, source, target, "--temperature", "0") == 0
+    after = read_output(target)
+    assert set(after) == set(done) | {content_id(added), content_id(first[0]) + "-2"}
+    assert all(after[i] == done[i] for i in done)  # the earlier results, untouched and not redone
+
+
+def test_a_second_run_on_the_same_output_is_refused_before_the_model_loads(model, tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(source, [{"id": "a", "prompt": "x", "max_tokens": 2}])
+    holder = OutputFile(target)  # what a run in another process holds while it works
+    try:
+        assert generate(model, source, target) == 2
+        err = capsys.readouterr().err
+        assert f"Another sidp run is writing {target}" in err and "KV cache" not in err
+    finally:
+        holder.close()
+    assert generate(model, source, target, "--fsync") == 0  # free again once its holder has gone
+    assert list(read_output(target)) == ["a"]

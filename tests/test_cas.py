@@ -95,7 +95,7 @@ def test_a_service_thread_that_dies_is_an_error_for_requester_and_owner_not_a_ha
     with pytest.raises(RuntimeError, match=r"CaS service of replica 0 \(layer 1\) has gone"):
         other(1, "mlp", torch.randn(2, SPEC.hidden_size))
     assert time.monotonic() - started < 5
-    with pytest.raises(RuntimeError, match="CaS service stopped: error\("):
+    with pytest.raises(RuntimeError, match=r"CaS service stopped: error\("):
         server.check()
 
 

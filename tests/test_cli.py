@@ -10,6 +10,7 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
+from sidp.batch.formats import content_id
 from sidp.cli import main
 
 
@@ -63,7 +64,7 @@ def test_generate_jsonl_in_order_with_per_line_params(model, tmp_path):
         == 0
     )
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", "b", "line-3"]
+    assert [r["id"] for r in rows] == ["a", "b", content_id(lines[2])]
     assert rows[0]["completion_tokens"] <= 3
     assert rows[1]["completion_tokens"] == 5
     assert rows[2]["completion_tokens"] <= 6

@@ -8,6 +8,7 @@ LineError with the reason; the job records it and goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,9 +34,17 @@ class BatchRequest:
     messages: list[dict] | None = None
     prompt: str | None = None
     sampling: dict = field(default_factory=dict)
+    derived_id: bool = False  # a plain line without "id": named by its content (content_id)
 
 
-def parse_line(text: str, number: int) -> BatchRequest:
+def content_id(record: dict) -> str:
+    """The id of a plain line that has none: its content's hash, so that an edited input (lines added,
+    removed or reordered) still resumes each request against its own result."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "line-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_line(text: str) -> BatchRequest:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
@@ -44,7 +53,7 @@ def parse_line(text: str, number: int) -> BatchRequest:
         raise LineError("a request line must be a JSON object")
     if "custom_id" in record or "body" in record:
         return _openai(record)
-    return _plain(record, number)
+    return _plain(record)
 
 
 def _openai(record: dict) -> BatchRequest:
@@ -74,16 +83,17 @@ def _openai(record: dict) -> BatchRequest:
     return request
 
 
-def _plain(record: dict, number: int) -> BatchRequest:
+def _plain(record: dict) -> BatchRequest:
     unknown = set(record) - {"id", "prompt", "messages", *SAMPLING_FIELDS}
     if unknown:
         raise LineError(f"unknown field(s) {', '.join(sorted(unknown))}")
     if ("prompt" in record) == ("messages" in record):
         raise LineError('needs exactly one of "prompt" or "messages"')
-    request_id = record.get("id", f"line-{number}")
+    request_id = record.get("id", content_id(record))
     if not isinstance(request_id, str) or not request_id:
         raise LineError('"id" must be a non-empty string')
     request = BatchRequest(request_id, False, sampling={k: record[k] for k in SAMPLING_FIELDS if k in record})
+    request.derived_id = "id" not in record
     _set_input(request, record, "messages" if "messages" in record else "prompt")
     return request
 

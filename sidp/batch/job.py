@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidp.batch.formats import BatchRequest, LineError, line_id, parse_line, prompt_token_ids, result_line
+from sidp.batch.formats import BatchRequest, LineError, parse_line, prompt_token_ids, result_line
+from sidp.batch.output import OutputFile
 from sidp.errors import SidpError
 from sidp.sampling_params import SamplingParams
 
@@ -63,7 +64,12 @@ def parse_requests(
                 text = data.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise LineError(f"not UTF-8 (byte {error.start})") from None
-            request = parse_line(text, number)
+            request = parse_line(text)
+            if request.derived_id:  # the same content again is another request: number its copies
+                base, copy = request.id, 1
+                while request.id in first_line:
+                    copy += 1
+                    request.id = f"{base}-{copy}"
             if request.id in first_line:
                 raise LineError(f"duplicate id {request.id!r} (first on line {first_line[request.id]})")
             first_line[request.id] = number
@@ -77,34 +83,21 @@ def parse_requests(
     return good, errors
 
 
-def finished_ids(output: Path) -> set[str]:
-    """Ids already answered in `output`; a last line cut short (a killed run) is dropped from the file."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) != len(data):
-        with output.open("r+b") as f:
-            f.truncate(len(whole))
-    # Split on newlines alone: str.splitlines would also break at U+2028 or U+0085 inside a text.
-    lines = whole.decode("utf-8", errors="replace").split("\n")
-    return {i for line in lines if (i := line_id(line))}
-
-
 def run_job(
     llm,
     good: list[tuple[int, BatchRequest]],
     errors: list[dict],
     source: str,
-    output: Path | None,
+    output: OutputFile | None,
     defaults: dict,
     strict: bool,
     show_progress: bool,
 ) -> tuple[JobSummary, list[tuple[BatchRequest, object]]]:
     """Serve the parsed lines (parse_requests); results go to `output` as they finish (or are returned,
-    in input order); `errors`, the unparsable lines, grows by the lines the model cannot serve."""
+    in input order); `errors`, the unparsable lines, grows by the lines the model cannot serve. An
+    interrupt (Ctrl-C, SIGTERM) is raised again with a line saying what is safely written."""
     summary = JobSummary()
-    done = finished_ids(output) if output is not None else set()
+    done = output.finished_ids() if output is not None else set()
     todo = []
     for number, request in good:
         if request.id in done:
@@ -118,22 +111,19 @@ def run_job(
             errors.append({"line": number, "id": request.id, "error": str(error).rstrip(".")})
     summary.errors = errors
     if output is not None:
-        errors_path(output).write_text("".join(json.dumps(e) + "\n" for e in errors), encoding="utf-8")
+        errors_path(output.path).write_text("".join(json.dumps(e) + "\n" for e in errors), encoding="utf-8")
     results: list[tuple[BatchRequest, object]] = []
     if not todo:
         return summary, results
     model = llm.model_path.name
-    sink = output.open("a", encoding="utf-8") if output is not None else None
 
     def on_output(index: int, out) -> None:
         request = todo[index][0]
         summary.ok += 1
         summary.prompt_tokens += len(out.prompt_token_ids)
         summary.completion_tokens += len(out.outputs[0].token_ids)
-        if sink is None:
-            return
-        sink.write(json.dumps(result_line(request, out, model), ensure_ascii=False) + "\n")
-        sink.flush()
+        if output is not None:
+            output.write(result_line(request, out, model))
 
     started = time.perf_counter()
     try:
@@ -143,10 +133,15 @@ def run_job(
             use_tqdm=show_progress,
             on_output=on_output,
         )
+    except KeyboardInterrupt:
+        if output is None:
+            raise  # the LLM's own line says how far it got
+        raise KeyboardInterrupt(
+            f"{summary.ok} new results are safely in {output.path}, {len(todo) - summary.ok} requests "
+            "still to do; run the same command again to finish them"
+        ) from None
     finally:
         summary.wall_s = time.perf_counter() - started
-        if sink is not None:
-            sink.close()
     results = [(request, out) for (request, _, _), out in zip(todo, outputs, strict=True)]
     return summary, results
 
