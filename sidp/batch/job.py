@@ -137,8 +137,8 @@ def run_job(
         if output is None:
             raise  # the LLM's own line says how far it got
         raise KeyboardInterrupt(
-            f"{summary.ok} new results are safely in {output.path}, {len(todo) - summary.ok} requests "
-            "still to do; run the same command again to finish them"
+            f"{summary.ok} results of this run are safely in {output.path}, {len(todo) - summary.ok} "
+            "requests still to do; run the same command again to finish them"
         ) from None
     finally:
         summary.wall_s = time.perf_counter() - started

@@ -1,0 +1,367 @@
+"""Faults a group must survive, each against real processes: a driver (a script using `LLM`, or the `sidp`
+command) on a tiny model with real replicas, started in a session of its own as a terminal starts a
+job; a fault done to it; then how long its processes took to end and what they left behind (processes,
+/dev/shm entries, /tmp/pymp-* folders). tests/test_faults.py runs every case once;
+benchmarks/fault_soak.py runs each many times and records the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STOP_S = 5.0  # a group told to stop (or whose replica died) is gone within this
+ORPHAN_S = 2.0  # a replica whose driver died is gone within this
+START_S = 120.0  # generous: the machine may be busy
+
+DRIVER = """
+import json, sys, time
+from sidp import LLM, SamplingParams
+
+def say(*words):
+    print(*words, flush=True)
+
+if __name__ == "__main__":
+    case = json.loads(sys.argv[1])
+    kwargs = dict(dtype="float32", memory_per_replica="64MiB", max_num_seqs=2,
+                  data_parallel_size=case["dp"], weight_sharing=case["sharing"])
+    if case["mode"]:
+        kwargs["sidp_mode"] = case["mode"]
+    scenario = case["scenario"]
+    if scenario == "with":
+        with LLM(case["model"], **kwargs) as llm:
+            llm.generate([[5] * 20] * 4, SamplingParams(max_tokens=8), use_tqdm=False)
+            say("generated")
+        say("closed")
+        time.sleep(60)
+        sys.exit(0)
+    llm = LLM(case["model"], **kwargs)
+    say("started")
+    if scenario == "unused":
+        sys.exit(0)
+    if scenario == "finish":
+        llm.generate([[5] * 20] * 4, SamplingParams(max_tokens=8), use_tqdm=False)
+        say("generated")
+        sys.exit(0)
+    if scenario == "idle":
+        time.sleep(60)
+    if scenario == "scope":
+        del llm
+        say("deleted")
+        time.sleep(60)
+    if scenario == "raise":
+        raise ValueError("a bug in the user's script")
+
+    def on_output(index, output):
+        if scenario == "raise_in_callback":
+            raise ValueError("the user's callback failed")
+
+    say("generating")
+    llm.generate([[5] * 20] * 400, SamplingParams(max_tokens=900, ignore_eos=True), use_tqdm=False,
+                 on_output=on_output)
+    say("done")
+"""
+
+
+@dataclass
+class Outcome:
+    """What one run of a case measured. stop_s: from the fault to the last of the driver's processes
+    gone; left: anything of it that remained (processes, /dev/shm entries, /tmp/pymp-* folders)."""
+
+    case: str  # set by run_case
+    stop_s: float
+    returncode: int | None
+    left: list[str] = field(default_factory=list)
+    stderr_tail: str = ""
+
+
+class Driver:
+    """A driver started in its own session (so a signal to its process group reaches it and its
+    replicas as a terminal's Ctrl-C does, and nothing else)."""
+
+    def __init__(self, argv: list[str], workdir: Path):
+        self.shm_before = set(os.listdir("/dev/shm"))
+        self.pymp_before = set(Path(tempfile.gettempdir()).glob("pymp-*"))
+        self.stderr_path = workdir / "stderr.txt"
+        with self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True, cwd=workdir
+            )
+        self.group: set[int] = set()
+        self.replicas: set[int] = set()
+
+    def wait_for(self, word: str) -> None:
+        """Read the driver's lines until one says `word`, noting its processes as they are then."""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the driver ended before saying {word!r}: {self.stderr()[-800:]}")
+            if line.split()[0] == word:
+                self.note_group()
+                return
+
+    def note_group(self) -> None:
+        self.group |= descendants(self.proc.pid)
+        self.replicas |= {pid for pid in self.group if comm(pid).startswith("sidp-replica")}
+
+    def signal_group(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def ended(self, since: float, limit_s: float, keep_driver: bool = False) -> Outcome:
+        """Wait up to limit_s for every noted process to end, or only the replicas if keep_driver (the
+        driver lives on, and so does multiprocessing's resource tracker, its child, which holds nothing)."""
+        watched = self.replicas if keep_driver else self.group | {self.proc.pid}
+        deadline = since + limit_s
+        while (alive := live(watched)) and time.monotonic() < deadline:
+            self.proc.poll()
+            time.sleep(0.02)
+        stop_s = time.monotonic() - since
+        code = self.proc.poll()
+        unseen = ["no replica was seen to watch"] if keep_driver and not watched else []
+        if keep_driver:
+            self.proc.kill()
+        left = unseen + [f"process {pid} ({comm(pid)})" for pid in alive]
+        self.proc.wait(30)
+        self.proc.stdout.close()
+        time.sleep(0.2)  # let the kernel finish tearing down what the last process held
+        left += [f"/dev/shm/{name}" for name in set(os.listdir("/dev/shm")) - self.shm_before]
+        left += [str(p) for p in set(Path(tempfile.gettempdir()).glob("pymp-*")) - self.pymp_before]
+        return Outcome("", round(stop_s, 3), code, left, self.stderr()[-1500:])
+
+
+def descendants(pid: int) -> set[int]:
+    """pid's processes and all theirs, as /proc shows them now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def live(pids: set[int]) -> list[int]:
+    """The pids still running (a zombie holds nothing and counts as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+# --- the cases ---------------------------------------------------------------------------------------
+
+
+def script(workdir: Path, model: Path, scenario: str, dp: int = 2, mode: str | None = "cas") -> Driver:
+    path = workdir / "driver.py"
+    path.write_text(DRIVER)
+    sharing = "sidp" if mode else "none"
+    case = {"model": str(model), "dp": dp, "sharing": sharing, "mode": mode, "scenario": scenario}
+    return Driver([sys.executable, str(path), json.dumps(case)], workdir)
+
+
+def interrupted(signum: int, to_group: bool, mode: str | None, dp: int = 2, twice: bool = False):
+    """Ctrl-C (or SIGTERM) mid-run: the driver raises KeyboardInterrupt saying how far it got."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, "generate", dp, mode)
+        driver.wait_for("generating")
+        time.sleep(1.0)  # mid-run
+        started = time.monotonic()
+        for _ in range(2 if twice else 1):
+            driver.signal_group(signum) if to_group else os.kill(driver.proc.pid, signum)
+            time.sleep(0.05)
+        outcome = driver.ended(started, STOP_S)
+        if "KeyboardInterrupt: interrupted:" not in outcome.stderr_tail and not twice:
+            outcome.left.append("no line saying what was done")
+        return outcome
+
+    return run
+
+
+def user_error(scenario: str, after: str, limit_s: float = STOP_S):
+    """The user's script raises (mid-run from a callback, or before any call), or just ends (after its
+    calls, or without any)."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, scenario)
+        driver.wait_for(after)
+        outcome = driver.ended(time.monotonic(), limit_s)
+        if scenario.startswith("raise") and "ValueError" not in outcome.stderr_tail:
+            outcome.left.append("the user's exception was not raised")
+        if not scenario.startswith("raise") and outcome.returncode != 0:
+            outcome.left.append(f"exit status {outcome.returncode}, not 0")
+        return outcome
+
+    return run
+
+
+def released(scenario: str, after: str):
+    """The LLM goes out of scope or leaves its `with` block: its replicas end while the script lives."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, scenario)
+        driver.wait_for("started" if scenario == "scope" else "generated")
+        driver.wait_for(after)
+        return driver.ended(time.monotonic(), STOP_S, keep_driver=True)
+
+    return run
+
+
+def driver_killed(when: str, mode: str | None):
+    """SIGKILL of the driver (as `kill -9` or the OOM killer): every replica follows it."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, "idle" if when == "idle" else "generate", mode=mode)
+        limit = ORPHAN_S
+        if when == "starting":
+            # Somewhere in start-up: a replica still importing notices when its imports end.
+            while len(driver.group) < 3:  # the resource tracker and two replicas
+                driver.note_group()
+                time.sleep(0.01)
+            time.sleep(random.uniform(0.0, 3.0))
+            driver.note_group()
+            limit = START_S
+        else:
+            driver.wait_for("started" if when == "idle" else "generating")
+            time.sleep(1.0)
+        started = time.monotonic()
+        os.kill(driver.proc.pid, signal.SIGKILL)
+        return driver.ended(started, limit)
+
+    return run
+
+
+def replica_killed(mode: str):
+    """SIGKILL of one replica mid-run: the driver stops the group and names the replica."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, "generate", mode=mode)
+        driver.wait_for("generating")
+        time.sleep(1.0)
+        victim = max(driver.replicas)
+        started = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        outcome = driver.ended(started, STOP_S)
+        if "SidpError: Replica" not in outcome.stderr_tail:
+            outcome.left.append("no error naming the replica")
+        return outcome
+
+    return run
+
+
+def group_killed():
+    """SIGKILL of the whole process group: nothing can clean up, and nothing needs to."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, "generate", mode="auto")
+        driver.wait_for("generating")
+        time.sleep(1.0)
+        started = time.monotonic()
+        driver.signal_group(signal.SIGKILL)
+        return driver.ended(started, STOP_S)
+
+    return run
+
+
+def cli_interrupted(command: str):
+    """Ctrl-C to `sidp generate` (a batch job: exit 130 and a line with what is written) or `sidp bench`."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        output = workdir / "out.jsonl"
+        argv = [sys.executable, "-m", "sidp.cli", command, "--model", str(model), "--dtype", "float32"]
+        argv += ["--memory-per-replica", "64MiB", "--dp", "2", "--max-num-seqs", "2"]
+        if command == "generate":
+            source = workdir / "in.jsonl"
+            lines = [{"id": f"r{i}", "prompt": f"request {i}", "max_tokens": 900} for i in range(200)]
+            source.write_text("".join(json.dumps(x) + "\n" for x in lines))
+            argv += ["--input", str(source), "--output", str(output), "--quiet", "--temperature", "0"]
+        else:
+            argv += ["--baseline", "none", "--num-requests", "200", "--output-len", "900"]
+            argv += ["--input-len", "20", "--out", str(workdir / "bench.json")]
+        driver = Driver(argv, workdir)
+        wait_until = time.monotonic() + START_S
+        while time.monotonic() < wait_until and not (output.exists() and output.read_bytes().count(b"\n")):
+            driver.note_group()
+            if command == "bench" and len(driver.group) >= 3:
+                time.sleep(8.0)  # well into the run
+                break
+            time.sleep(0.05)
+        driver.note_group()
+        started = time.monotonic()
+        driver.signal_group(signal.SIGINT)
+        outcome = driver.ended(started, STOP_S)
+        if outcome.returncode != 130:
+            outcome.left.append(f"exit status {outcome.returncode}, not 130")
+        if command == "generate":
+            written = output.read_bytes().count(b"\n")
+            if f"sidp: interrupted: {written} results of this run are safely in" not in outcome.stderr_tail:
+                outcome.left.append(f"no line saying that {written} results are written")
+        return outcome
+
+    return run
+
+
+CASES: dict[str, Callable[[Path, Path], Outcome]] = {
+    "ctrl-c to the process group, plain DP": interrupted(signal.SIGINT, True, None),
+    "ctrl-c to the process group, SiDP map": interrupted(signal.SIGINT, True, "map"),
+    "ctrl-c to the process group, SiDP was": interrupted(signal.SIGINT, True, "was"),
+    "ctrl-c to the process group, SiDP cas": interrupted(signal.SIGINT, True, "cas"),
+    "ctrl-c to the process group, SiDP auto": interrupted(signal.SIGINT, True, "auto"),
+    "ctrl-c to the driver alone, SiDP cas": interrupted(signal.SIGINT, False, "cas"),
+    "ctrl-c twice, SiDP cas": interrupted(signal.SIGINT, True, "cas", twice=True),
+    "SIGTERM to the driver, SiDP auto": interrupted(signal.SIGTERM, False, "auto"),
+    "ctrl-c to the process group, one replica (N=1)": interrupted(signal.SIGINT, True, None, dp=1),
+    "exception in a callback mid-run": user_error("raise_in_callback", "generating"),
+    "exception in the script after start": user_error("raise", "started"),
+    "script ends after generate, no close()": user_error("finish", "generated"),
+    "LLM built and never used, script ends": user_error("unused", "started"),
+    "LLM goes out of scope": released("scope", "deleted"),
+    "LLM used as a context manager": released("with", "closed"),
+    "driver SIGKILLed while replicas start": driver_killed("starting", "cas"),
+    "driver SIGKILLed while the group idles": driver_killed("idle", "cas"),
+    "driver SIGKILLed mid-step, plain DP": driver_killed("step", None),
+    "driver SIGKILLed mid-CaS": driver_killed("step", "cas"),
+    "driver SIGKILLed mid-WaS": driver_killed("step", "was"),
+    "replica SIGKILLed mid-CaS": replica_killed("cas"),
+    "replica SIGKILLed mid-WaS": replica_killed("was"),
+    "process group SIGKILLed": group_killed(),
+    "ctrl-c to sidp generate (batch job)": cli_interrupted("generate"),
+    "ctrl-c to sidp bench": cli_interrupted("bench"),
+}
+
+
+def run_case(name: str, workdir: Path, model: Path) -> Outcome:
+    outcome = CASES[name](workdir, model)
+    outcome.case = name
+    return outcome
