@@ -1,5 +1,6 @@
 """Every fault of tests/fault_cases.py, many times over: how long the group took to stop after each, and
-what it left behind. Prints a table and writes JSON (docs/reliability/fault-soak.json by default).
+what it left behind. Writes JSON (docs/reliability/fault-soak.json by default) and the table in
+docs/RELIABILITY.md from it.
 
     python benchmarks/fault_soak.py --runs 20
 """
@@ -22,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import build_tiny_model  # noqa: E402
-from fault_cases import CASES, run_case  # noqa: E402
+from fault_cases import CASES, run_case, with_table  # noqa: E402
 
 from sidp.machine import cpu_model  # noqa: E402
 
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="runs of each case")
     parser.add_argument("--cases", help="only the cases whose name holds this text")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs/reliability/fault-soak.json")
+    parser.add_argument(
+        "--doc", type=Path, default=HERE.parent / "docs/RELIABILITY.md", help="rewrites its table (none: no)"
+    )
     args = parser.parse_args()
     names = [n for n in CASES if args.cases is None or args.cases in n]
     report = {
@@ -51,6 +55,9 @@ def main() -> None:
     failed = sum(c["runs"] - c["passed"] for c in report["cases"])
     print(f"{sum(c['passed'] for c in report['cases'])} passed, {failed} failed")
     print(f"wrote {args.out}")
+    if str(args.doc) != "none":
+        args.doc.write_text(with_table(args.doc.read_text(), report))
+        print(f"rewrote the table in {args.doc}")
 
 
 def soak(name: str, runs: int, scratch: Path, model: Path) -> dict:

@@ -209,6 +209,26 @@ def interrupted(signum: int, to_group: bool, mode: str | None, dp: int = 2, twic
     return run
 
 
+def interrupted_starting():
+    """Ctrl-C while the replicas start (importing, loading, exchanging the pool)."""
+
+    def run(workdir: Path, model: Path) -> Outcome:
+        driver = script(workdir, model, "generate", mode="cas")
+        while len(driver.group) < 3:  # the resource tracker and two replicas
+            driver.note_group()
+            time.sleep(0.01)
+        time.sleep(random.uniform(0.0, 3.0))
+        driver.note_group()
+        started = time.monotonic()
+        driver.signal_group(signal.SIGINT)
+        outcome = driver.ended(started, STOP_S)
+        if "KeyboardInterrupt" not in outcome.stderr_tail:
+            outcome.left.append("no KeyboardInterrupt from the driver")
+        return outcome
+
+    return run
+
+
 def user_error(scenario: str, after: str, limit_s: float = STOP_S):
     """The user's script raises (mid-run from a callback, or before any call), or just ends (after its
     calls, or without any)."""
@@ -338,6 +358,7 @@ CASES: dict[str, Callable[[Path, Path], Outcome]] = {
     "ctrl-c to the process group, SiDP was": interrupted(signal.SIGINT, True, "was"),
     "ctrl-c to the process group, SiDP cas": interrupted(signal.SIGINT, True, "cas"),
     "ctrl-c to the process group, SiDP auto": interrupted(signal.SIGINT, True, "auto"),
+    "ctrl-c to the process group while replicas start": interrupted_starting(),
     "ctrl-c to the driver alone, SiDP cas": interrupted(signal.SIGINT, False, "cas"),
     "ctrl-c twice, SiDP cas": interrupted(signal.SIGINT, True, "cas", twice=True),
     "SIGTERM to the driver, SiDP auto": interrupted(signal.SIGTERM, False, "auto"),
@@ -365,3 +386,35 @@ def run_case(name: str, workdir: Path, model: Path) -> Outcome:
     outcome = CASES[name](workdir, model)
     outcome.case = name
     return outcome
+
+
+# --- the soak's record in docs/RELIABILITY.md --------------------------------------------------------
+
+TABLE_BEGIN = "<!-- fault-soak table, from docs/reliability/fault-soak.json (benchmarks/fault_soak.py) -->"
+TABLE_END = "<!-- end of fault-soak table -->"
+
+
+def soak_table(report: dict) -> str:
+    """The markdown table of a soak report (benchmarks/fault_soak.py's JSON)."""
+    lines = [
+        f"`{report['command']}` on {report['cpu']} ({report['cores']} cores), "
+        f"{report['runs_per_case']} runs of each case:",
+        "",
+        "| fault | runs passed | stopped in, s: min | median | max | left behind |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for case in report["cases"]:
+        stop = case["stop_s"]
+        left = "; ".join(case["left_behind"]) or "nothing"
+        lines.append(
+            f"| {case['case']} | {case['passed']} of {case['runs']} | {stop['min']:.2f} | "
+            f"{stop['median']:.2f} | {stop['max']:.2f} | {left} |"
+        )
+    return "\n".join(lines)
+
+
+def with_table(doc: str, report: dict) -> str:
+    """`doc` with the text between its table markers replaced by the report's table."""
+    head, rest = doc.split(TABLE_BEGIN)
+    _, tail = rest.split(TABLE_END)
+    return f"{head}{TABLE_BEGIN}\n{soak_table(report)}\n{TABLE_END}{tail}"

@@ -112,7 +112,7 @@ def jsonl_workload(
     requests = []
     for (number, line), default in zip(numbered, drawn, strict=True):
         try:
-            request = parse_line(line, number)
+            request = parse_line(line)
             max_tokens = request.sampling.get("max_tokens", int(default))
             if type(max_tokens) is not int or max_tokens < 1:  # bool is an int subclass, and no length
                 raise LineError("max_tokens must be a whole number of at least 1")

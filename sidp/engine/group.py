@@ -45,8 +45,10 @@ class ReplicaGroup:
         self._finalizer = weakref.finalize(self, _shut_down, self.procs, self.conns, False)
         try:
             self._start(config, spec, plans)
-        except BaseException:
+        except BaseException as error:
             self.close(at_once=True)
+            if isinstance(error, KeyboardInterrupt):
+                raise KeyboardInterrupt("interrupted while the replicas started; all are stopped") from None
             raise
 
     def _start(self, config: EngineConfig, spec: ModelSpec, plans: list[MemoryPlan]) -> None:
