@@ -52,6 +52,7 @@ class EngineConfig:
     sidp_mode: str = "map"
     cache_slots: int = 2
     mode_probe_every: int = 0  # > 0: every k-th step is also timed in both modes (benchmarks)
+    device: str = "cpu"  # where weights, KV cache and activations live: "cpu" or "cuda"
 
     @property
     def uses_cas(self) -> bool:

@@ -6,6 +6,7 @@ nothing), hands token ids to the engine, and detokenizes the results back in inp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -15,17 +16,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sidp.config import EngineConfig, resolve_dtype
 from sidp.engine.group import ReplicaGroup
 from sidp.engine.llm_engine import FinishedRequest, LLMEngine
-from sidp.errors import DoesNotFit, SidpError
-from sidp.memory import default_memory_per_replica, format_bytes, parse_bytes, plan_memory
+from sidp.engine_args import EngineArgs
+from sidp.errors import SidpError
+from sidp.memory import format_bytes
 from sidp.model.checkpoint import chat_prompt, load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.outputs import CompletionOutput, RequestOutput
-from sidp.pool.modes import MODES, default_mode
-from sidp.pool.placement import Placement, parse_parts, pool_share
-from sidp.pool.transport import transport_for
 from sidp.sampling_params import SamplingParams
 from sidp.signals import sigterm_interrupts
 
@@ -35,125 +33,59 @@ PromptLike = str | list[int] | dict
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        memory_per_replica: int | str | None = None,
-        enable_prefix_caching: bool = True,
-        block_size: int = 16,
-        data_parallel_size: int = 1,
-        weight_sharing: str = "none",
-        sidp_mode: str | None = None,
-        placement: str = "round_robin",
-        cache_slots: int = 2,
-        pooled_parts: str = "mlp",
-        mode_probe_every: int = 0,
-    ):
+    def __init__(self, model: str | Path | None = None, **kwargs):
+        """kwargs: the fields of EngineArgs (dtype, device, max_model_len, max_num_seqs,
+        max_num_batched_tokens, memory_per_replica, gpu_memory_utilization, enable_prefix_caching,
+        block_size, data_parallel_size, weight_sharing, sidp_mode, placement, cache_slots, pooled_parts,
+        mode_probe_every)."""
+        try:
+            args = EngineArgs(model=model, **kwargs)
+        except TypeError:
+            known = ", ".join(f.name for f in dataclasses.fields(EngineArgs))
+            unknown = ", ".join(sorted(set(kwargs) - {f.name for f in dataclasses.fields(EngineArgs)}))
+            raise SidpError(f"LLM() got unknown argument(s) {unknown}; it takes {known}.") from None
+        self._start(args)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        llm = cls.__new__(cls)
+        llm._start(args)
+        return llm
+
+    def _start(self, args: EngineArgs) -> None:
         _configure_logging()
-        if data_parallel_size < 1:
-            raise SidpError(f"data_parallel_size must be at least 1, got {data_parallel_size}.")
-        if weight_sharing not in ("none", "sidp"):
-            raise SidpError(f"weight_sharing must be 'none' (plain DP) or 'sidp', got {weight_sharing!r}.")
-        sidp_mode = sidp_mode or default_mode(transport_for("cpu"))
-        if sidp_mode not in MODES:
-            raise SidpError(f"sidp_mode must be one of {', '.join(MODES)}, got {sidp_mode!r}.")
-        if cache_slots < 1:
-            raise SidpError(f"cache_slots must be at least 1, got {cache_slots}.")
-        parts = parse_parts(pooled_parts)
-        pooled = weight_sharing == "sidp" and data_parallel_size > 1
-        if model is None:
+        if args.model is None:
             from sidp.model.default_model import default_model_path
 
-            model = default_model_path()
-        self.model_path = Path(model)
+            args = dataclasses.replace(args, model=default_model_path())
+        self.model_path = Path(args.model)
         hf_config = read_config(self.model_path)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
-        torch_dtype = resolve_dtype(dtype, hf_config)
-        budget = (
-            parse_bytes(memory_per_replica)
-            if memory_per_replica is not None
-            else default_memory_per_replica(data_parallel_size)
-        )
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise SidpError("max_num_seqs and max_num_batched_tokens must be at least 1.")
-        layout = Placement.build(self.spec.num_layers, data_parallel_size, placement) if pooled else None
-        limits = (block_size, max_num_batched_tokens, max_num_seqs)
-        try:
-            plain = plan_memory(self.spec, torch_dtype, budget, *limits)
-        except SidpError:
-            if not layout:
-                raise
-            plain = None  # SiDP may hold what plain DP cannot: said below, once SiDP is known to
-        self.plans = plans = (  # per replica
-            [
-                plan_memory(
-                    self.spec,
-                    torch_dtype,
-                    budget,
-                    *limits,
-                    share=pool_share(layout, rank, parts, sidp_mode, cache_slots),
-                )
-                for rank in range(data_parallel_size)
-            ]
-            if layout
-            else [plain] * data_parallel_size
-        )
-        if plain is None:
-            logger.info("plain DP could not hold this model in memory_per_replica=%s", format_bytes(budget))
-        plan = min(plans, key=lambda p: p.kv_tokens)  # the replica with the least room bounds max_model_len
-        self.max_model_len = self._resolve_max_model_len(max_model_len, plan.kv_tokens)
-        self.config = config = EngineConfig(
-            model=self.model_path,
-            dtype=torch_dtype,
-            max_model_len=self.max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            memory_per_replica=budget,
-            eos_token_ids=self._eos_token_ids(),
-            block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-            placement=layout,
-            pooled_parts=parts,
-            sidp_mode=sidp_mode,
-            cache_slots=cache_slots,
-            mode_probe_every=mode_probe_every,
-        )
-        for line in plan.report(self.max_model_len, plain if layout else None).splitlines():
+        self.group_plan = plan = args.resolve(self.spec, hf_config, self._eos_token_ids())
+        self.config, self.plans = plan.config, list(plan.plans)
+        self.max_model_len = plan.config.max_model_len
+        if plan.pooled and plan.plain is None:
+            logger.info(
+                "plain DP could not hold this model in memory_per_replica=%s",
+                format_bytes(plan.tightest.budget),
+            )
+        if self.max_model_len < self.spec.max_position_embeddings and args.max_model_len is None:
+            logger.info(
+                "max_model_len lowered from %d to %d: that is all the KV cache holds.",
+                self.spec.max_position_embeddings,
+                self.max_model_len,
+            )
+        report = plan.tightest.report(self.max_model_len, plan.plain if plan.pooled else None)
+        for line in report.splitlines():
             logger.info("%s", line)
         self._next_request_id = 0
-        if data_parallel_size == 1:
-            self.engine = LLMEngine(config, self.spec, plan)
+        if plan.size == 1:
+            self.engine = LLMEngine(self.config, self.spec, plan.plans[0])
             self._backend = self.engine
         else:
-            kind = (
-                f"SiDP {sidp_mode}, pooling {','.join(sorted(parts))}" if pooled else "plain data parallelism"
-            )
-            logger.info("starting %d replicas (%s; above: the tightest replica)", data_parallel_size, kind)
-            self._backend = ReplicaGroup(config, self.spec, plans)
-
-    def _resolve_max_model_len(self, requested: int | None, kv_tokens: int) -> int:
-        limit = self.spec.max_position_embeddings
-        if requested is None:
-            if kv_tokens < limit:
-                logger.info(
-                    "max_model_len lowered from %d to %d: that is all the KV cache holds.", limit, kv_tokens
-                )
-            return min(limit, kv_tokens)
-        if requested > limit:
-            raise SidpError(
-                f"max_model_len={requested} exceeds the model's max_position_embeddings ({limit})."
-            )
-        if requested > kv_tokens:
-            raise DoesNotFit(
-                f"max_model_len={requested} is more than the KV cache holds ({kv_tokens} tokens): "
-                "raise memory_per_replica or lower max_model_len."
-            )
-        return requested
+            logger.info("starting %d replicas (%s; above: the tightest replica)", plan.size, plan.describe())
+            self._backend = ReplicaGroup(self.config, self.spec, self.plans)
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.spec.eos_token_ids)

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from sidp.engine_args import replica_ledgers
 from sidp.errors import SidpError
-from sidp.memory import MemoryPlan, plan_memory
+from sidp.memory import MemoryPlan
 from sidp.model.spec import ModelSpec
 from sidp.plan.hardware import Device
 from sidp.plan.models import tensor_shard
-from sidp.pool.placement import PARTS, Placement, pool_share
+from sidp.pool.placement import PARTS, Placement
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 1024  # offline throughput settings for large GPUs (our choice; vLLM's default is 256)
@@ -69,22 +70,21 @@ def capacity(
 ) -> Capacity:
     shard = tensor_shard(spec, layout.tp)
     placement = Placement.build(spec.num_layers, layout.dp) if layout.parts else None
-    plans = []
-    for rank in range(layout.dp):
-        share = pool_share(placement, rank, layout.parts, layout.mode, cache_slots) if placement else None
-        try:
-            plans.append(
-                plan_memory(
-                    shard,
-                    torch.bfloat16,
-                    device.memory_bytes,
-                    BLOCK_SIZE,
-                    max_num_batched_tokens,
-                    max_num_seqs,
-                    share,
-                    device.kind,
-                )
-            )
-        except SidpError:  # the weights alone do not fit this GPU
-            return Capacity(layout, [], placement)
+    limits = (BLOCK_SIZE, max_num_batched_tokens, max_num_seqs)
+    try:
+        plans, _ = replica_ledgers(
+            shard,
+            torch.bfloat16,
+            device.memory_bytes,
+            limits,
+            placement,
+            layout.parts,
+            layout.mode,
+            cache_slots,
+            device.kind,
+        )
+    except SidpError:  # the weights alone do not fit this GPU
+        return Capacity(layout, [], placement)
+    if placement is None:
+        plans = plans * layout.dp
     return Capacity(layout, plans, placement)
