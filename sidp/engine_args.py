@@ -61,6 +61,7 @@ class EngineArgs:
             dtype,
             self._budget(device),
             (self.block_size, self.max_num_batched_tokens, self.max_num_seqs),
+            self.data_parallel_size,
             layout,
             parse_parts(self.pooled_parts),
             mode,
@@ -159,13 +160,15 @@ def replica_ledgers(
     dtype: torch.dtype,
     budget: int,
     limits: tuple[int, int, int],
+    size: int,
     layout: Placement | None,
     parts: frozenset[str],
     mode: str,
     cache_slots: int,
     device: str = "cpu",
 ) -> tuple[list[MemoryPlan], MemoryPlan | None]:
-    """(each replica's ledger, plain DP's on the same budget or None where it does not fit).
+    """(each of the `size` replicas' ledgers, plain DP's on the same budget or None where it does not
+    fit); layout None: plain DP.
     limits: (block_size, max_num_batched_tokens, max_num_seqs). Raises DoesNotFit where even SiDP
     cannot hold the model."""
     try:
@@ -175,7 +178,7 @@ def replica_ledgers(
             raise
         plain = None  # SiDP may hold what plain DP cannot
     if layout is None:
-        return [plain], plain
+        return [plain] * size, plain
     shares = [pool_share(layout, rank, parts, mode, cache_slots) for rank in range(layout.size)]
     return [plan_memory(spec, dtype, budget, *limits, share=s, device=device) for s in shares], plain
 

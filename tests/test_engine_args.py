@@ -48,6 +48,8 @@ def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model)
     assert plan.config.max_model_len == min(spec.max_position_embeddings, plan.tightest.kv_tokens)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.config = None
+    plain = dataclasses.replace(args, weight_sharing="none").resolve(spec, config, (2,))
+    assert plain.size == 3 and not plain.pooled and plain.plans == (plan.plain,) * 3
 
 
 def test_bad_arguments_and_a_missing_gpu_fail_in_one_sentence(tiny_model):

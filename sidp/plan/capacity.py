@@ -77,6 +77,7 @@ def capacity(
             torch.bfloat16,
             device.memory_bytes,
             limits,
+            layout.dp,
             placement,
             layout.parts,
             layout.mode,
@@ -85,6 +86,4 @@ def capacity(
         )
     except SidpError:  # the weights alone do not fit this GPU
         return Capacity(layout, [], placement)
-    if placement is None:
-        plans = plans * layout.dp
     return Capacity(layout, plans, placement)
