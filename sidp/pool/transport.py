@@ -12,18 +12,30 @@ CUDA IPC handles, copy on a side stream ordered by events, and keep the same pip
 from __future__ import annotations
 
 import multiprocessing.connection as mpc
+import os
 
 import torch
 
 
 class CpuTransport:
-    """POSIX shared memory: torch sends a shared tensor as a file descriptor, so the segment has no
-    name in /dev/shm and dies with its last holder, whatever the way the processes end."""
+    """Anonymous shared memory (memfd) passed by file descriptor (sidp.pool.handoff): a segment never
+    has a name, in /dev/shm or anywhere, and dies with its last holder, however the processes end.
+    (torch's share_memory_() names its segment for a moment, which a kill at that moment leaves behind.)"""
 
     maps_peers = True  # a peer view is ordinary memory here: computing on it costs what local does
 
     def export(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.share_memory_()
+        """A copy of `tensor` in memory other replicas can map."""
+        if not hasattr(os, "memfd_create") or tensor.nbytes == 0:  # not Linux: torch's way
+            return tensor.share_memory_()
+        fd = os.memfd_create("sidp-pool", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, tensor.nbytes)
+            storage = torch.UntypedStorage._new_shared_fd_cpu(fd, tensor.nbytes)  # maps a dup of fd
+        finally:
+            os.close(fd)
+        shared = torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape)
+        return shared.copy_(tensor)
 
     def open(self, handle: torch.Tensor) -> torch.Tensor:
         return handle  # the unpickled tensor already maps the owner's pages
