@@ -53,8 +53,13 @@ class EngineArgs:
         self._check()
         device = self._device()
         dtype = resolve_dtype(self.dtype, hf_config)
-        mode = self.sidp_mode or default_mode(transport_for(device))
         pooled = self.weight_sharing == "sidp" and self.data_parallel_size > 1
+        if pooled and device != "cpu":
+            raise SidpError(
+                "SiDP on CUDA needs a CUDA transport (IPC-shared weights, WaS slots, CaS buffers), which "
+                "sidp does not have yet: run plain data parallelism there (weight_sharing='none')."
+            )
+        mode = self.sidp_mode or (default_mode(transport_for(device)) if pooled else "auto")
         layout = Placement.build(spec.num_layers, self.data_parallel_size, self.placement) if pooled else None
         plans, plain = replica_ledgers(
             spec,

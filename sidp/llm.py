@@ -223,10 +223,7 @@ class LLM:
     def replica_counters(self) -> list[dict]:
         """Each replica's cumulative figures (steps, preemptions, SiDP mode counters), by replica."""
         if isinstance(self._backend, LLMEngine):
-            engine = self._backend
-            return [
-                {"replica": 0, "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions}
-            ]
+            return [self._backend.counters()]
         return [self._backend.counters[rank] for rank in sorted(self._backend.counters)]
 
     def close(self) -> None:

@@ -56,8 +56,9 @@ class LLMEngine:
         self.config = config
         self.plan = plan
         if runner is None:
-            model = Decoder(spec, open_checkpoint(config.model), config.dtype, config.max_model_len, pool)
-            runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype)
+            checkpoint = open_checkpoint(config.model)
+            model = Decoder(spec, checkpoint, config.dtype, config.max_model_len, pool, config.device)
+            runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype, config.device)
         self.runner = runner
         self._tokenizer = None  # loaded when a request first asks for stop strings
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -75,6 +76,13 @@ class LLMEngine:
         seq = Sequence(seq_id, list(prompt_token_ids), params, max_total, generator=generator)
         self.scheduler.add(seq)
         return seq
+
+    def counters(self, rank: int = 0) -> dict:
+        """Cumulative figures: steps, preemptions and, on a GPU, the most memory this process held."""
+        counters = {"replica": rank, "steps": self.num_steps, "preemptions": self.scheduler.num_preemptions}
+        if self.config.device == "cuda":
+            counters["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return counters
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

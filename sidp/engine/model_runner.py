@@ -17,13 +17,18 @@ from sidp.model.sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(
+        self, model: Decoder, num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu"
+    ):
         spec = model.spec
         self.model = model
         self.block_size = block_size
+        self.device = device
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [
-            KVCache(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+            KVCache(
+                torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+            )
             for _ in range(spec.num_layers)
         ]
 
@@ -89,4 +94,4 @@ class ModelRunner:
             decode_context_lens=torch.tensor([p + 1 for p in starts], dtype=torch.int32),
             prefills=prefills,
         )
-        return torch.tensor(ids), batch, sample_rows
+        return torch.tensor(ids).to(self.device), batch.to(self.device), sample_rows

@@ -52,6 +52,8 @@ def replica_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tie_to_driver(driver_pid, f"sidp-replica-{rank}", kernel_signal)
     torch.set_num_threads(threads)
+    if config.device == "cuda":  # one GPU each while there are enough; several share one otherwise
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
         pool = _join_pool(rank, config, spec, conn, channels)
         engine = LLMEngine(config, spec, plan, pool)
@@ -139,7 +141,7 @@ def _join_pool(rank: int, config: EngineConfig, spec: ModelSpec, conn, channels)
 
 def _counters(rank: int, engine: LLMEngine, pool: PoolMember | None) -> dict:
     """Cumulative figures sent with each result, so the driver's latest copy is current when a call ends."""
-    counters = {"replica": rank, "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions}
+    counters = engine.counters(rank)
     if pool is not None:
         counters.update(pool.counters())
     return counters

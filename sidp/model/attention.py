@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, for a step that mixes decode tokens and prefill chunks.
 
 A step's tokens are laid out decode sequences first (one token each), then prefill chunks. Decode
-sequences are served together by the paged decode kernel, which reads K/V where they lie. Each
+sequences are served together by the paged decode kernel (C++ on CPU, Triton on CUDA), which reads K/V
+where they lie. Each
 prefill chunk runs scaled-dot-product attention over its own context: its new K/V straight from the
 projection when nothing was cached before it, otherwise its cached blocks gathered by slot.
 """
@@ -33,6 +34,24 @@ class AttentionBatch:
     decode_context_lens: torch.Tensor  # [num_decode] int32
     prefills: list[PrefillChunk]
 
+    def to(self, device: str) -> AttentionBatch:
+        """The same batch on `device` (built on the CPU from Python lists, then moved in one go)."""
+        if device == "cpu":
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        chunks = [PrefillChunk(c.start, c.end, move(c.context_slots), move(c.mask)) for c in self.prefills]
+        tensors = (self.positions, self.slot_mapping)
+        return AttentionBatch(
+            *map(move, tensors),
+            self.num_decode,
+            move(self.decode_block_tables),
+            move(self.decode_context_lens),
+            chunks,
+        )
+
 
 @dataclass(slots=True)
 class KVCache:
@@ -61,7 +80,10 @@ def paged_attention(
     cache.write(batch.slot_mapping, k, v)
     out = torch.empty_like(q)
     if batch.num_decode:
-        out[: batch.num_decode] = paged_decode_attention(
+        decode = paged_decode_attention
+        if q.is_cuda:  # imported here: the CPU path never needs triton
+            from sidp.model.paged_attention_triton import paged_decode_attention_triton as decode
+        out[: batch.num_decode] = decode(
             q[: batch.num_decode].to(cache.k.dtype),
             cache.k,
             cache.v,

@@ -137,14 +137,15 @@ class Decoder:
         dtype: torch.dtype,
         max_positions: int,
         pool: WeightPool | None = None,
+        device: str = "cpu",
     ):
-        """pool, when given, serves the parts it pools; this process reads only the rest."""
+        """pool, when given, serves the parts it pools; this process reads only the rest, onto `device`."""
 
         def read(name: str) -> torch.Tensor:
-            return checkpoint.read(name, dtype)
+            return checkpoint.read(name, dtype).to(device)
 
         self.spec = spec
-        self.compute_dtype = compute_dtype(dtype)
+        self.compute_dtype = compute_dtype(dtype, device)
         self.pool = pool
         parts = pool.parts if pool else frozenset()
         if "embed" in parts:
@@ -158,7 +159,7 @@ class Decoder:
         ]
         self.norm = read("model.norm.weight")
         self.rotary = RotaryTable(
-            spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, self.compute_dtype
+            spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, self.compute_dtype, device
         )
 
     def __call__(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:

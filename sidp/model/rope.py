@@ -32,14 +32,20 @@ class RotaryTable:
     """cos/sin for every position up to max_positions, computed once in float32 like transformers does."""
 
     def __init__(
-        self, head_dim: int, theta: float, scaling: dict | None, max_positions: int, dtype: torch.dtype
+        self,
+        head_dim: int,
+        theta: float,
+        scaling: dict | None,
+        max_positions: int,
+        dtype: torch.dtype,
+        device: str = "cpu",
     ):
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.cos = angles.cos().to(dtype)
-        self.sin = angles.sin().to(dtype)
+        self.cos = angles.cos().to(device, dtype)
+        self.sin = angles.sin().to(device, dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin shaped [tokens, 1, head_dim] so they broadcast over heads."""

@@ -14,11 +14,11 @@ from sidp.sampling_params import SamplingParams
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    chosen = logits.argmax(dim=-1)
+    chosen = logits.argmax(dim=-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if not p.greedy:
-            chosen[row] = _sample_row(logits[row], p, gen)
-    return chosen.tolist()
+        if not p.greedy:  # drawn on the CPU, whatever the device: a seed gives the same tokens on each
+            chosen[row] = _sample_row(logits[row].cpu(), p, gen)
+    return chosen
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
