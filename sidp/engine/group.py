@@ -52,8 +52,7 @@ class ReplicaGroup:
             raise
 
     def _start(self, config: EngineConfig, spec: ModelSpec, plans: list[MemoryPlan]) -> None:
-        # spawn, not fork: fork would copy the driver's threads and torch state. torch's context sends
-        # shared tensors as file descriptors, so a pool segment dies with its last holder.
+        # spawn, not fork: fork would copy the driver's threads and torch state.
         ctx = mp.get_context("spawn")
         size = len(plans)
         threads = max(1, torch.get_num_threads() // size)
@@ -88,7 +87,12 @@ class ReplicaGroup:
         try:
             for _ in range(size):
                 rank = self._expect("owned")
-                handles, theirs = handoff.receive_handles(self.conns[rank])
+                try:
+                    handles, theirs = handoff.receive_handles(self.conns[rank])
+                except (EOFError, OSError):  # it died between the two messages: say so, as _next does
+                    self.procs[rank].join(1.0)
+                    self._check_alive()
+                    raise
                 fds += theirs
                 for key, part in handles.items():
                     pool[key].update(part)
