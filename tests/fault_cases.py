@@ -109,6 +109,20 @@ class Driver:
                 self.note_group()
                 return
 
+    def mid_run(self) -> None:
+        """Wait until the script is a second into its generate call."""
+        self.wait_for("generating")
+        time.sleep(1.0)
+
+    def somewhere_in_start_up(self) -> None:
+        """Wait until the replicas exist (with multiprocessing's resource tracker), then 0-3 s more:
+        importing, loading or exchanging the pool."""
+        while len(self.group) < 3:
+            self.note_group()
+            time.sleep(0.01)
+        time.sleep(random.uniform(0.0, 3.0))
+        self.note_group()
+
     def note_group(self) -> None:
         self.group |= descendants(self.proc.pid)
         self.replicas |= {pid for pid in self.group if comm(pid).startswith("sidp-replica")}
@@ -195,8 +209,7 @@ def interrupted(signum: int, to_group: bool, mode: str | None, dp: int = 2, twic
 
     def run(workdir: Path, model: Path) -> Outcome:
         driver = script(workdir, model, "generate", dp, mode)
-        driver.wait_for("generating")
-        time.sleep(1.0)  # mid-run
+        driver.mid_run()
         started = time.monotonic()
         for _ in range(2 if twice else 1):
             driver.signal_group(signum) if to_group else os.kill(driver.proc.pid, signum)
@@ -214,11 +227,7 @@ def interrupted_starting():
 
     def run(workdir: Path, model: Path) -> Outcome:
         driver = script(workdir, model, "generate", mode="cas")
-        while len(driver.group) < 3:  # the resource tracker and two replicas
-            driver.note_group()
-            time.sleep(0.01)
-        time.sleep(random.uniform(0.0, 3.0))
-        driver.note_group()
+        driver.somewhere_in_start_up()
         started = time.monotonic()
         driver.signal_group(signal.SIGINT)
         outcome = driver.ended(started, STOP_S)
@@ -265,16 +274,10 @@ def driver_killed(when: str, mode: str | None):
         driver = script(workdir, model, "idle" if when == "idle" else "generate", mode=mode)
         limit = ORPHAN_S
         if when == "starting":
-            # Somewhere in start-up: a replica still importing notices when its imports end.
-            while len(driver.group) < 3:  # the resource tracker and two replicas
-                driver.note_group()
-                time.sleep(0.01)
-            time.sleep(random.uniform(0.0, 3.0))
-            driver.note_group()
+            driver.somewhere_in_start_up()  # a replica still importing notices when its imports end
             limit = START_S
         else:
-            driver.wait_for("started" if when == "idle" else "generating")
-            time.sleep(1.0)
+            driver.wait_for("started") if when == "idle" else driver.mid_run()
         started = time.monotonic()
         os.kill(driver.proc.pid, signal.SIGKILL)
         return driver.ended(started, limit)
@@ -287,8 +290,7 @@ def replica_killed(mode: str):
 
     def run(workdir: Path, model: Path) -> Outcome:
         driver = script(workdir, model, "generate", mode=mode)
-        driver.wait_for("generating")
-        time.sleep(1.0)
+        driver.mid_run()
         victim = max(driver.replicas)
         started = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -305,8 +307,7 @@ def group_killed():
 
     def run(workdir: Path, model: Path) -> Outcome:
         driver = script(workdir, model, "generate", mode="auto")
-        driver.wait_for("generating")
-        time.sleep(1.0)
+        driver.mid_run()
         started = time.monotonic()
         driver.signal_group(signal.SIGKILL)
         return driver.ended(started, STOP_S)
