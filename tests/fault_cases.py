@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STOP_S = 5.0  # a group told to stop (or whose replica died) is gone within this
+STOP_S = 5.0  # every replica of a group told to stop (or one of whose replicas died) is gone within this
 ORPHAN_S = 2.0  # a replica whose driver died is gone within this
+EXIT_S = 30.0  # the driver itself (and multiprocessing's resource tracker) is gone within this
 START_S = 120.0  # generous: the machine may be busy
+_started: list[subprocess.Popen] = []  # drivers of the running case, killed whatever ends it
 
 DRIVER = """
 import json, sys, time
@@ -74,8 +76,9 @@ if __name__ == "__main__":
 
 @dataclass
 class Outcome:
-    """What one run of a case measured. stop_s: from the fault to the last of the driver's processes
-    gone; left: anything of it that remained (processes, /dev/shm entries, /tmp/pymp-* folders)."""
+    """What one run of a case measured. stop_s: from the fault to the last replica gone (N=1: to the
+    driver's exit); left: anything that remained (a replica after its limit, the driver or the resource
+    tracker after EXIT_S, /dev/shm entries, /tmp/pymp-* folders) or a missing message."""
 
     case: str  # set by run_case
     stop_s: float
@@ -94,8 +97,15 @@ class Driver:
         self.stderr_path = workdir / "stderr.txt"
         with self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True, cwd=workdir
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+                cwd=workdir,
+                preexec_fn=_as_a_terminal_job,
             )
+        _started.append(self.proc)
         self.group: set[int] = set()
         self.replicas: set[int] = set()
 
@@ -134,25 +144,41 @@ class Driver:
         return self.stderr_path.read_text(errors="replace")
 
     def ended(self, since: float, limit_s: float, keep_driver: bool = False) -> Outcome:
-        """Wait up to limit_s for every noted process to end, or only the replicas if keep_driver (the
-        driver lives on, and so does multiprocessing's resource tracker, its child, which holds nothing)."""
-        watched = self.replicas if keep_driver else self.group | {self.proc.pid}
-        deadline = since + limit_s
-        while (alive := live(watched)) and time.monotonic() < deadline:
-            self.proc.poll()
-            time.sleep(0.02)
+        """Wait up to limit_s for the replicas to end, then up to EXIT_S for the driver and the resource
+        tracker (unless keep_driver: the script lives on, and so does the tracker, its child)."""
+        others = {self.proc.pid} | {p for p in self.group if "resource_tracker" in cmdline(p)}
+        replicas = self.group - others
+        alive = _wait_until_gone(replicas, since + limit_s, self.proc)
         stop_s = time.monotonic() - since
-        code = self.proc.poll()
-        unseen = ["no replica was seen to watch"] if keep_driver and not watched else []
+        if not keep_driver:
+            alive += _wait_until_gone(others, since + EXIT_S, self.proc)
+        if not replicas:  # one replica, in the driver: its stop is the driver's exit
+            stop_s = time.monotonic() - since
+        unseen = ["no replica was seen to watch"] if keep_driver and not self.replicas else []
         if keep_driver:
             self.proc.kill()
         left = unseen + [f"process {pid} ({comm(pid)})" for pid in alive]
-        self.proc.wait(30)
+        code = self.proc.wait(30)
         self.proc.stdout.close()
         time.sleep(0.2)  # let the kernel finish tearing down what the last process held
         left += [f"/dev/shm/{name}" for name in set(os.listdir("/dev/shm")) - self.shm_before]
         left += [str(p) for p in set(Path(tempfile.gettempdir()).glob("pymp-*")) - self.pymp_before]
         return Outcome("", round(stop_s, 3), code, left, self.stderr()[-1500:])
+
+
+def _as_a_terminal_job() -> None:
+    """In the driver before it starts: SIGINT as a foreground job has it. A shell's background job (a
+    CI runner, nohup, `&`) ignores SIGINT, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def _wait_until_gone(pids: set[int], deadline: float, driver: subprocess.Popen) -> list[int]:
+    """The pids still alive at the deadline (the driver is reaped as it ends, so it does not linger)."""
+    while (alive := live(pids)) and time.monotonic() < deadline:
+        driver.poll()
+        time.sleep(0.02)
+    return alive
 
 
 def descendants(pid: int) -> set[int]:
@@ -184,6 +210,13 @@ def live(pids: set[int]) -> list[int]:
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def comm(pid: int) -> str:
@@ -384,7 +417,14 @@ CASES: dict[str, Callable[[Path, Path], Outcome]] = {
 
 
 def run_case(name: str, workdir: Path, model: Path) -> Outcome:
-    outcome = CASES[name](workdir, model)
+    try:
+        outcome = CASES[name](workdir, model)
+    finally:  # a case that failed half-way (or was interrupted) leaves no driver running on
+        for proc in _started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _started.clear()
     outcome.case = name
     return outcome
 
