@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the group is stopped; a second Ctrl-C ends us now
-        said = str(interrupt) if str(interrupt) not in ("", "SIGTERM") else "every replica is stopped"
-        print(f"sidp: interrupted: {said}", file=sys.stderr)
+        print(f"sidp: interrupted: {str(interrupt) or 'every replica is stopped'}", file=sys.stderr)
         return 130
 
 

@@ -223,14 +223,14 @@ FLAG_HELP = {
 FLAG_TYPES = {"max_model_len": int, "data_parallel_size": int}  # fields whose default is None
 CHOICES = {"device": DEVICES, "weight_sharing": ("none", "sidp"), "sidp_mode": MODES, "placement": POLICIES}
 POOL_FIELDS = ("pooled_parts", "placement")  # what `sidp info` also takes
-CLI_ONLY_ABSENT = ("mode_probe_every", "block_size")  # set by bench options or not at all
+NOT_FLAGS = ("mode_probe_every", "block_size")  # bench sets the first through --probe-every
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto", dp: int | None = 1) -> None:
     """Every EngineArgs field as a flag with its default. dp: the default replica count; None: one per
     device (see group_size); then --weight-sharing defaults to sidp with more than one replica."""
     for f in dataclasses.fields(EngineArgs):
-        if f.name in CLI_ONLY_ABSENT or f.name in POOL_FIELDS:
+        if f.name in NOT_FLAGS or f.name in POOL_FIELDS:
             continue
         default = {"dtype": dtype, "data_parallel_size": dp, "weight_sharing": None}.get(f.name, f.default)
         _add_flag(parser, f, default)

@@ -38,13 +38,13 @@ class LLM:
         max_num_batched_tokens, memory_per_replica, gpu_memory_utilization, enable_prefix_caching,
         block_size, data_parallel_size, weight_sharing, sidp_mode, placement, cache_slots, pooled_parts,
         mode_probe_every)."""
-        try:
-            args = EngineArgs(model=model, **kwargs)
-        except TypeError:
-            known = ", ".join(f.name for f in dataclasses.fields(EngineArgs))
-            unknown = ", ".join(sorted(set(kwargs) - {f.name for f in dataclasses.fields(EngineArgs)}))
-            raise SidpError(f"LLM() got unknown argument(s) {unknown}; it takes {known}.") from None
-        self._start(args)
+        known = [f.name for f in dataclasses.fields(EngineArgs)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise SidpError(
+                f"LLM() got unknown argument(s) {', '.join(unknown)}; it takes {', '.join(known)}."
+            )
+        self._start(EngineArgs(model=model, **kwargs))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLM:
@@ -62,7 +62,7 @@ class LLM:
         hf_config = read_config(self.model_path)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.group_plan = plan = args.resolve(self.spec, hf_config, self._eos_token_ids())
+        plan = args.resolve(self.spec, hf_config, self._eos_token_ids())
         self.config, self.plans = plan.config, list(plan.plans)
         self.max_model_len = plan.config.max_model_len
         if plan.pooled and plan.plain is None:

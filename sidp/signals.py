@@ -27,4 +27,4 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt("SIGTERM")
+    raise KeyboardInterrupt

@@ -33,7 +33,6 @@ class OutputFile:
             raise SidpError(
                 f"Another sidp run is writing {path}; let it finish (or stop it) before starting this one."
             ) from None
-        self.written = 0  # results appended by this run
 
     def finished_ids(self) -> set[str]:
         """Ids already answered in the file; a last line cut short (a killed run) is dropped from it."""
@@ -51,7 +50,6 @@ class OutputFile:
         self.file.flush()
         if self.fsync:
             os.fsync(self.file.fileno())
-        self.written += 1
 
     def close(self) -> None:
         self.file.close()

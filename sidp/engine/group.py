@@ -69,6 +69,7 @@ class ReplicaGroup:
             proc = ctx.Process(target=replica_main, name=f"sidp-replica-{rank}", args=args, daemon=True)
             proc.start()
             self.procs.append(proc)
+        self._watched = [*self.conns, *(proc.sentinel for proc in self.procs)]  # what _next waits on
         for end in ends:  # the replicas hold their ends now: a dead replica's pipe reads as closed
             end.close()
         for clients, servers in channels.values():
@@ -145,8 +146,7 @@ class ReplicaGroup:
     def _next(self) -> tuple[int, str, object]:
         """(rank, kind, payload) of the next message from any replica; raises if one failed or died."""
         while True:
-            sentinels = [proc.sentinel for proc in self.procs]
-            ready = mpc.wait([*self.conns, *sentinels], timeout=POLL_S)
+            ready = mpc.wait(self._watched, timeout=POLL_S)
             size = len(self.conns)
             for rank in (r % size for r in range(self._turn, self._turn + size)):
                 if self.conns[rank] not in ready:

@@ -9,7 +9,7 @@ projection when nothing was cached before it, otherwise its cached blocks gather
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +42,15 @@ class AttentionBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        chunks = [PrefillChunk(c.start, c.end, move(c.context_slots), move(c.mask)) for c in self.prefills]
-        tensors = (self.positions, self.slot_mapping)
-        return AttentionBatch(
-            *map(move, tensors),
-            self.num_decode,
-            move(self.decode_block_tables),
-            move(self.decode_context_lens),
-            chunks,
+        return replace(
+            self,
+            positions=move(self.positions),
+            slot_mapping=move(self.slot_mapping),
+            decode_block_tables=move(self.decode_block_tables),
+            decode_context_lens=move(self.decode_context_lens),
+            prefills=[
+                replace(c, context_slots=move(c.context_slots), mask=move(c.mask)) for c in self.prefills
+            ],
         )
 
 

@@ -41,9 +41,8 @@ def send(conn, message) -> None:
     descriptor."""
     data, fds = io.BytesIO(), []
     _Pickler(data, fds).dump(message)
-    conn.send_bytes(data.getvalue())
+    conn.send_bytes(len(fds).to_bytes(4, "little") + data.getvalue())  # the count of what follows
     with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.sendall(len(fds).to_bytes(4, "little"))
         for start in range(0, len(fds), FDS_PER_MESSAGE):
             sendfds(sock, fds[start : start + FDS_PER_MESSAGE])
 
@@ -68,26 +67,16 @@ def close(fds: list[int]) -> None:
 
 def _receive(conn, open_tensors: bool) -> tuple[object, list[int]]:
     data = conn.recv_bytes()
+    count = int.from_bytes(data[:4], "little")
     with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        count = int.from_bytes(_read_exactly(sock, 4), "little")
         fds: list[int] = []
         while len(fds) < count:
             fds += recvfds(sock, min(FDS_PER_MESSAGE, count - len(fds)))
     try:
-        return _Unpickler(io.BytesIO(data), fds, open_tensors).load(), fds
+        return _Unpickler(io.BytesIO(data[4:]), fds, open_tensors).load(), fds
     except BaseException:
         close(fds)
         raise
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
 
 
 class _Pickler(pickle.Pickler):
