@@ -27,3 +27,17 @@ def cpu_features() -> str:
     if flags is None:
         return platform.machine() + ":" + platform.processor()
     return platform.machine() + ":" + " ".join(sorted(flags.split()))
+
+
+BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides bf16 GEMM speed
+
+
+def bf16_flags() -> dict[str, bool]:
+    """Which of the x86 flags that make bf16 fast (or slow) this CPU has; all False off x86 Linux."""
+    flags = cpu_flags()
+    return {flag: flag in flags for flag in BF16_FLAGS}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 "flags", arm64 "Features"); empty where /proc/cpuinfo is missing."""
+    return set((cpuinfo("flags", "Features") or "").split())

@@ -5,9 +5,7 @@
 // where <torch/extension.h> takes over twenty. The arithmetic uses GCC/Clang vector extensions, which
 // the compiler maps onto whatever -march=native offers (zmm, ymm or NEON registers).
 
-#include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/ops.h>
-#include <torch/csrc/stable/tensor.h>
+#include "library.h"
 
 #include <algorithm>
 #include <bit>
@@ -346,11 +344,11 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(sidp, m) {
+SIDP_LIBRARY_FRAGMENT(SIDP_NS, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(sidp, CPU, m) {
+SIDP_LIBRARY_IMPL(SIDP_NS, CPU, m) {
   m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention));
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from sidp.model.fused import cache_write_
 from sidp.model.paged_attention import paged_decode_attention
 
 
@@ -62,9 +63,7 @@ class KVCache:
     v: torch.Tensor
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        kv_heads, head_dim = self.k.shape[-2:]
-        self.k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(self.v.dtype))
+        cache_write_(self.k, self.v, slots, k, v)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv_heads, head_dim = self.k.shape[-2:]
@@ -97,13 +96,15 @@ def paged_attention(
             keys, values = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
         else:
             keys, values = (t.to(q.dtype) for t in cache.gather(chunk.context_slots))
+        # A batch dimension of one: with 3-D inputs PyTorch's CPU SDPA takes its unfused math path
+        # (a materialised score matrix, ~5x slower); with 4-D ones, its flash kernel.
         out[chunk.start : chunk.end] = F.scaled_dot_product_attention(
-            q[chunk.start : chunk.end].transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            q[None, chunk.start : chunk.end].transpose(1, 2),
+            keys[None].transpose(1, 2),
+            values[None].transpose(1, 2),
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=scale,
             enable_gqa=True,
-        ).transpose(0, 1)
+        )[0].transpose(0, 1)
     return out

@@ -11,26 +11,18 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from sidp.model.attention import AttentionBatch, KVCache, paged_attention
 from sidp.model.checkpoint import Checkpoint
-from sidp.model.linear import compute_dtype, linear
-from sidp.model.rope import RotaryTable, apply_rotary
+from sidp.model.fused import add_rms_norm_, rms_norm, rotary_, silu_and_mul
+from sidp.model.linear import compute_dtype, linear, packed
+from sidp.model.rope import RotaryTable
 from sidp.model.spec import ModelSpec
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 and scale in the model dtype, the order transformers uses.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """The feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, down)
+    return linear(silu_and_mul(linear(x, gate_up)), down)
 
 
 # A layer's two poolable parts and the projections ("ops") each one runs, in the order a layer runs them.
@@ -88,19 +80,21 @@ class DecoderLayer:
         spec: ModelSpec,
         read: Callable[[str], torch.Tensor],
         index: int,
+        compute: torch.dtype,
         pooled: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         pooled_parts: frozenset[str] = frozenset(),
     ):
         p = f"model.layers.{index}."
         self.spec = spec
-        self.input_norm = read(p + "input_layernorm.weight")
-        self.post_norm = read(p + "post_attention_layernorm.weight")
-        self.q_norm = read(p + "self_attn.q_norm.weight") if spec.qk_norm else None
-        self.k_norm = read(p + "self_attn.k_norm.weight") if spec.qk_norm else None
+        # Norm weights in the dtype activations flow in (a float32 widening is exact): the kernels take one.
+        self.input_norm = read(p + "input_layernorm.weight").to(compute)
+        self.post_norm = read(p + "post_attention_layernorm.weight").to(compute)
+        self.q_norm = read(p + "self_attn.q_norm.weight").to(compute) if spec.qk_norm else None
+        self.k_norm = read(p + "self_attn.k_norm.weight").to(compute) if spec.qk_norm else None
         self.local: Weights = {}  # the parts this process holds for itself
         for part in PART_OPS:
             if part not in pooled_parts:
-                self.local.update(read_part(read, spec, index, part))
+                self.local.update({k: packed(w) for k, w in read_part(read, spec, index, part).items()})
         self.pooled = pooled
         self.pooled_ops = frozenset(ops_of(pooled_parts))
 
@@ -117,14 +111,15 @@ class DecoderLayer:
         if s.qk_norm:
             q = rms_norm(q, self.q_norm, s.rms_norm_eps)
             k = rms_norm(k, self.k_norm, s.rms_norm_eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rotary_(q, k, cos, sin)  # in place: q and k are this step's own (views of its projection)
         out = paged_attention(q, k, v, cache, batch, s.head_dim**-0.5)
         return self.run("o", out.view(tokens, s.q_size))
 
-    def __call__(self, x, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+    def __call__(self, h, cos, sin, cache: KVCache, batch: AttentionBatch) -> None:
+        """Adds this layer's attention and MLP to the residual stream h, in place."""
         eps = self.spec.rms_norm_eps
-        x = x + self.attention(rms_norm(x, self.input_norm, eps), cos, sin, cache, batch)
-        return x + self.run("mlp", rms_norm(x, self.post_norm, eps))
+        attended = self.attention(rms_norm(h, self.input_norm, eps), cos, sin, cache, batch)
+        h += self.run("mlp", add_rms_norm_(h, attended, self.post_norm, eps))
 
 
 class Decoder:
@@ -154,10 +149,10 @@ class Decoder:
             self.embed = read("model.embed_tokens.weight")
             self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
         self.layers = [
-            DecoderLayer(spec, read, i, pool.layer(i) if pool else None, parts)
+            DecoderLayer(spec, read, i, self.compute_dtype, pool.layer(i) if pool else None, parts)
             for i in range(spec.num_layers)
         ]
-        self.norm = read("model.norm.weight")
+        self.norm = read("model.norm.weight").to(self.compute_dtype)
         self.rotary = RotaryTable(
             spec.head_dim, spec.rope_theta, spec.rope_scaling, max_positions, self.compute_dtype, device
         )
@@ -169,10 +164,10 @@ class Decoder:
 
     def _forward(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:
         cos, sin = self.rotary.lookup(batch.positions)
-        x = self.embed[input_ids].to(self.compute_dtype)
+        h = self.embed[input_ids].to(self.compute_dtype)  # a copy: the layers add to it in place
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, batch)
-        return rms_norm(x, self.norm, self.spec.rms_norm_eps)
+            layer(h, cos, sin, cache, batch)
+        return rms_norm(h, self.norm, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()

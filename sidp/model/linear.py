@@ -18,6 +18,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from sidp.model import cpu_kernels
+
 MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening the weight (measured)
 SCRATCH_ELEMENTS = 4 * 2**20  # 16 MiB of float32: the largest chunk of weight rows widened at once
 L2_CHUNK_ELEMENTS = 2**17  # 512 KiB: the chunk for few rows on one thread
@@ -27,14 +29,20 @@ _local = threading.local()  # one scratch per thread: weight services may run be
 
 
 def native_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` in hardware (AVX512-BF16 / AMX); float32 always is."""
+    """Whether this CPU multiplies `dtype` in hardware (AVX512-BF16 / AMX) on the chosen CPU path
+    (sidp.model.cpu_kernels: SIDP_CPU_ISA can force a lower one); float32 always is."""
     if dtype == torch.float32:
         return True
+    path = cpu_kernels.chosen_path()
+    if path in ("avx512", "avx2"):
+        return False
     probes = (
         ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         if dtype == torch.bfloat16
         else ("_is_amx_fp16_supported",)
     )
+    if path == "avx512_bf16":  # bf16 dot products, but not AMX's fp16 ones
+        probes = probes[:1]
     # A torch without these probes is trusted to pick its own kernels.
     return any(getattr(torch.cpu, name, lambda: True)() for name in probes)
 
@@ -50,8 +58,24 @@ def scratch_bytes(dtype: torch.dtype, device: str = "cpu") -> int:
     return 0 if compute_dtype(dtype, device) == dtype else SCRATCH_ELEMENTS * 4
 
 
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's blocked layout where that multiplies faster, else `weight` itself.
+
+    On a CPU that multiplies bf16/fp16 in hardware, a prepacked weight spares oneDNN its per-call
+    reordering: 1.4-1.6x for the 8-64 rows of a decode step, the same for thousands of rows
+    (`python benchmarks/matmul_dtypes.py`). float32 goes to MKL, where packing measured no faster.
+    The packed tensor takes the place of the plain one (same bytes); only `linear` can read it.
+    """
+    cpu_native = weight.device.type == "cpu" and weight.dtype != torch.float32 and native_matmul(weight.dtype)
+    if weight.dim() != 2 or not cpu_native:
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for x in compute dtype and weight in storage dtype; returns x's dtype."""
+    """F.linear for x in compute dtype and weight in storage dtype (or `packed`); returns x's dtype."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]

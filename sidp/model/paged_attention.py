@@ -1,29 +1,14 @@
 """Decode attention over the paged KV cache: the compiled CPU kernel, and the gather-based PyTorch reference
 that tests and benchmarks hold it against.
 
-The kernel (sidp/csrc/paged_attention.cpp) is compiled on first use and cached in
-$SIDP_CACHE_DIR/torch_extensions (default ~/.cache/sidp/torch_extensions), so later processes only load it.
+The kernel is sidp/csrc/paged_attention.cpp, built by sidp.model.cpu_kernels.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from pathlib import Path
-
 import torch
 
-from sidp.errors import SidpError
-from sidp.machine import cpu_features
-from sidp.paths import cache_root
-
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
-_NAME = "sidp_paged_attention"
-# TORCH_TARGET_VERSION 2.10 keeps the source to the stable ABI, which has had parallel_for since then.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-DTORCH_TARGET_VERSION=0x020a000000000000"]
-
-_load_lock = threading.Lock()
-_op = None
+from sidp.model import cpu_kernels
 
 
 def paged_decode_attention(
@@ -45,9 +30,10 @@ def paged_decode_attention(
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "bad q / cache rank"
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype"
     assert block_tables.dtype == context_lens.dtype == torch.int32, "block_tables, context_lens must be int32"
-    op = _op if _op is not None else _load()
     # q is small and may be a view into a fused QKV projection; the caches must already be contiguous.
-    return op(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
+    return cpu_kernels.ops().paged_decode_attention(
+        q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale
+    )
 
 
 def paged_decode_attention_reference(
@@ -81,53 +67,3 @@ def paged_decode_attention_reference(
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v  # [B, Hkv, G, D]
     return out.reshape(B, H, D).to(q.dtype)
-
-
-def _load():
-    global _op
-    with _load_lock:
-        if _op is None:
-            _build_or_load(cache_root() / "torch_extensions" / f"paged_attention-{_cache_key()}")
-            _op = torch.ops.sidp.paged_decode_attention.default
-    return _op
-
-
-def _build_or_load(build_dir: Path) -> None:
-    library = build_dir / f"{_NAME}.so"
-    # cpp_extension holds `lock` while it builds; without it, a present library is complete. Loading it
-    # directly skips importing cpp_extension and running ninja, which a cached load would otherwise pay.
-    if library.exists() and not (build_dir / "lock").exists():
-        try:
-            torch.ops.load_library(str(library))
-        except OSError as e:
-            raise SidpError(
-                f"could not load the cached attention kernel {library} ({e}); "
-                f"delete {build_dir} and run again to rebuild it"
-            ) from e
-        return
-    if torch.torch_version.TorchVersion(torch.__version__) < (2, 10):
-        raise SidpError(f"sidp's CPU attention kernel needs torch >= 2.10 (found {torch.__version__})")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    from torch.utils import cpp_extension  # imports setuptools: only worth it when building
-
-    try:
-        cpp_extension.load(
-            name=_NAME,
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-        )
-    except (RuntimeError, OSError) as e:
-        raise SidpError(
-            "could not compile sidp's CPU attention kernel: it needs, at run time, a C++20 compiler "
-            "(g++ >= 12 or clang, or the one $CXX names) and ninja (pip install ninja). "
-            f"Build files: {build_dir}. Cause: {e}"
-        ) from e
-
-
-def _cache_key() -> str:
-    # -march=native bakes the building CPU's instruction set into the library, so a cache shared between
-    # machines (NFS home, copied image) must not hand it to a CPU without those instructions (SIGILL).
-    parts = [" ".join(_CFLAGS), torch.__version__, cpu_features()]
-    return hashlib.sha256(_SOURCE.read_bytes() + "\0".join(parts).encode()).hexdigest()[:16]

@@ -48,11 +48,5 @@ class RotaryTable:
         self.sin = angles.sin().to(device, dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin shaped [tokens, 1, head_dim] so they broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        """cos, sin [tokens, head_dim] of each token's position."""
+        return self.cos[positions], self.sin[positions]
