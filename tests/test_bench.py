@@ -111,6 +111,7 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     assert sidp["output_tokens_per_s"] * sidp["elapsed_s"] == pytest.approx(workload["output_tokens"])
     assert hf["output_tokens_per_s"] * hf["elapsed_s"] == pytest.approx(workload["output_tokens"])
     assert sidp["num_steps"] > 0 and sidp["kv_cache_tokens"] > 0
+    assert "vs_peer" not in sidp and "avx512_bf16" in report["machine"]["cpu_flags"]  # no peer without --peer
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Throughput: ") and lines[0].endswith(" output tokens/s")
     assert lines[1].startswith("transformers (batch size ")

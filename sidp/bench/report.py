@@ -1,5 +1,6 @@
 """What `sidp bench` prints and records beside its numbers: the comparison tables, the workload's
-figures, and the machine the run was on (with its load, so a reader can see interference)."""
+figures, and the machine the run was on (with its load, so a reader can see interference, and its bf16
+instructions, which decide a bf16 figure more than any engine does)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import torch
 
 from sidp.bench.modes import modes_table, probes_table
 from sidp.bench.workload import Workload, output_tokens, prompt_tokens
-from sidp.machine import cpu_model
+from sidp.machine import bf16_flags, cpu_model
 
 
 def print_side_by_side(
     args: argparse.Namespace, configs: list[str], results: list[dict], machine: dict
 ) -> None:
-    print(f"\n{comparison_table(results)}\n\n{machine_line(machine)}")
+    print(f"\n{comparison_table(results, args.peer)}\n\n{machine_line(machine)}")
     if len(configs) > 1:
         print(f"\nSiDP group of {args.dp}, pooling {args.pooled_parts}, budget {args.memory_per_replica}")
         print(modes_table([r for r in results if r["engine"] == "sidp"]))
@@ -41,21 +42,42 @@ def workload_stats(workload: Workload, seed: int, warmup_requests: int) -> dict:
     }
 
 
-def comparison_table(results: list[dict]) -> str:
-    head = (
-        f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13} "
-        f"{'vs HF':>7}"
-    )
+def add_ratios(results: list[dict], peer: str | None) -> None:
+    """Each result's output tokens/s over transformers' and, with a peer, over the peer's."""
+    _add_ratio(results, "vs_transformers", "transformers")
+    if peer:
+        _add_ratio(results, "vs_peer", peer)
+
+
+def _add_ratio(results: list[dict], key: str, engine: str) -> None:
+    """None where `engine` did not run or the configuration did not fit."""
+    base = next((r["output_tokens_per_s"] for r in results if r["engine"] == engine), None)
+    for r in results:
+        r[key] = r["output_tokens_per_s"] / base if base and r.get("fits", True) else None
+
+
+def comparison_table(results: list[dict], peer: str | None = None) -> str:
+    """One row per engine run; with a peer, a column of ratios over it beside the one over transformers."""
+    head = f"{'engine':<14} {'batch size':>12} {'req/s':>8} {'total tok/s':>12} {'output tok/s':>13}"
+    if peer:
+        head += f" {'vs ' + peer:>8}"
+    head += f" {'vs HF':>7}"
     rows = [head, "-" * len(head)]
     for r in results:
-        # sidp batches continuously, so its batch size is a ceiling, not a fixed shape.
-        batch = f"<={r['max_num_seqs']}" if r["engine"] == "sidp" else str(r["batch_size"])
-        ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] is not None else "-"
-        rows.append(
+        # sidp and vLLM batch continuously, so their batch size is a ceiling, not a fixed shape.
+        batch = f"<={r['max_num_seqs']}" if "max_num_seqs" in r else str(r["batch_size"])
+        row = (
             f"{r['label']:<14} {batch:>12} {r['requests_per_s']:>8.2f} "
-            f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f} {ratio:>7}"
+            f"{r['total_tokens_per_s']:>12.2f} {r['output_tokens_per_s']:>13.2f}"
         )
+        if peer:
+            row += f" {_times(r['vs_peer']):>8}"
+        rows.append(f"{row} {_times(r['vs_transformers']):>7}")
     return "\n".join(rows)
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
@@ -63,6 +85,7 @@ def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
 
     return {
         "cpu": cpu_model(),
+        "cpu_flags": bf16_flags(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -77,7 +100,14 @@ def machine_info(loadavg_before: tuple[float, float, float]) -> dict:
 
 def machine_line(m: dict) -> str:
     return (
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-        f"torch {m['torch']}; "
+        f"machine: {m['cpu']} ({flags_text(m['cpu_flags'])}), {m['cores']} cores, "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; "
         f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
     )
+
+
+def flags_text(flags: dict[str, bool]) -> str:
+    """ "avx2 avx512f, no avx512_bf16 amx_tile amx_bf16": the missing ones say as much as the others."""
+    have = " ".join(f for f, present in flags.items() if present)
+    missing = " ".join(f for f, present in flags.items() if not present)
+    return ", ".join(part for part in (have, missing and f"no {missing}") if part)

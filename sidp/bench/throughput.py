@@ -1,4 +1,5 @@
-"""`sidp bench`: time sidp on a workload, then transformers on the same one, and write the numbers.
+"""`sidp bench`: time sidp on a workload, then transformers on the same one (and vLLM first, with
+--peer vllm), and write the numbers.
 
 Timing follows vLLM's benchmark_throughput: the model is loaded first, the clock covers generation only,
 and the printed line has vLLM's wording. Results are a list of engine runs so that sidp configurations
@@ -21,9 +22,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sidp.bench import sweep
+from sidp.bench import peer, sweep
 from sidp.bench.modes import config_arguments, parse_configs, probe_summary, totals
-from sidp.bench.report import machine_info, machine_line, print_side_by_side, workload_stats
+from sidp.bench.report import (
+    add_ratios,
+    machine_info,
+    machine_line,
+    print_side_by_side,
+    workload_stats,
+)
 from sidp.bench.workload import (
     SHAPES,
     Request,
@@ -77,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="8,16,32,64",
         help="transformers batch sizes to probe; the fastest runs the full workload",
     )
+    parser.add_argument(
+        "--peer", choices=tuple(peer.RUNNERS), help="also run this engine first on the same requests"
+    )
+    parser.add_argument("--peer-python", help="with --peer vllm: the python of a venv that has vLLM")
     parser.add_argument("--out", type=Path, default=Path("bench-results/throughput.json"), help="JSON report")
     parser.add_argument("--warmup", type=int, default=4, help="requests run through sidp before timing")
     parser.add_argument(
@@ -119,6 +130,12 @@ def run(args: argparse.Namespace) -> dict:
     for path in (args.out, plot):  # fail before minutes of benchmarking, not after
         if path is not None:
             _prepare_out(path)
+    if args.peer_python and not args.peer:
+        raise SidpError("--peer-python is the peer's python: add --peer vllm.")
+    if args.peer and budgets:
+        raise SidpError("--peer runs once beside one set of configurations; drop --sweep or --peer.")
+    if args.peer:
+        peer.check_python(args.peer_python)
     loadavg_before = os.getloadavg()
     predict = Predictor() if args.predict else None
 
@@ -126,8 +143,12 @@ def run(args: argparse.Namespace) -> dict:
     workload, warmup = _workloads(args, input_len, output_len, tokenizer, spec)
     requests = workload.requests
 
+    dtype_name = str(dtype).removeprefix("torch.")
+    results = []
+    if args.peer:
+        results.append(peer.run_peer(args.peer, args.peer_python, model_path, dtype_name, requests, warmup))
     if budgets:
-        results = sweep.sweep_memory(
+        results += sweep.sweep_memory(
             budgets,
             lambda budget: run_configs(
                 argparse.Namespace(**{**vars(args), "memory_per_replica": budget}),
@@ -139,12 +160,10 @@ def run(args: argparse.Namespace) -> dict:
             ),
         )
     else:
-        results = run_configs(args, configs, requests, warmup, predict=predict)
+        results += run_configs(args, configs, requests, warmup, predict=predict)
     if args.baseline == "transformers":
         results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
-    base = next((r["output_tokens_per_s"] for r in results if r["engine"] == "transformers"), None)
-    for r in results:
-        r["vs_transformers"] = r["output_tokens_per_s"] / base if base and r.get("fits", True) else None
+    add_ratios(results, args.peer)
     machine = machine_info(loadavg_before)
     if budgets:
         points = [r for r in results if r["engine"] == "sidp"]
@@ -160,10 +179,10 @@ def run(args: argparse.Namespace) -> dict:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
         "model": str(model_path),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name,
         "workload": workload_stats(workload, args.seed, len(warmup)),
         "results": results,
-        "ratio": results[0]["vs_transformers"],
+        "ratio": next(r for r in results if r["engine"] == "sidp")["vs_transformers"],
         "machine": machine,
     }
     if predict and predict.device:

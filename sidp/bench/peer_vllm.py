@@ -1,0 +1,97 @@
+"""vLLM on `sidp bench`'s workload: the side-by-side peer of `sidp bench --peer vllm`.
+
+Runs as a file under the python of vLLM's own venv, which has no sidp, so it imports only the standard
+library and vLLM. sidp writes the workload (the same token ids and output lengths it times itself);
+this times one `generate` after the warm-up, prints vLLM's throughput line and writes the result.
+
+    PEER_PYTHON sidp/bench/peer_vllm.py --model DIR --workload W.json --dtype bfloat16 --out R.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+MIN_MODEL_LEN = 2048  # what vLLM's CPU figures in docs/BENCHMARKS.md were measured with
+
+
+def main() -> None:
+    args = parse_args()
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}  # as given, before vLLM adds its own
+    import vllm  # here, not at the top: sidp imports the helpers below without vLLM
+
+    timed, warmup = read_workload(args.workload)
+    max_model_len = model_len(timed + warmup)
+    llm = vllm.LLM(
+        model=args.model, dtype=args.dtype, enable_prefix_caching=False, max_model_len=max_model_len, seed=0
+    )
+
+    def generate(requests: list[tuple[list[int], int]]) -> list:
+        prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
+        params = [vllm.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    if warmup:
+        generate(warmup)
+    started = time.perf_counter()
+    outputs = generate(timed)
+    elapsed = time.perf_counter() - started
+    for i, (out, (_, n)) in enumerate(zip(outputs, timed, strict=True)):
+        if len(out.outputs[0].token_ids) != n:  # throughput counted from the request would be wrong
+            sys.exit(f"vLLM returned {len(out.outputs[0].token_ids)} tokens for request {i}, not {n}.")
+    result = {
+        "engine": "vllm",
+        "version": vllm.__version__,
+        "dtype": args.dtype,
+        "elapsed_s": elapsed,
+        "num_requests": len(timed),
+        "prompt_tokens": sum(len(ids) for ids, _ in timed),
+        "output_tokens": sum(n for _, n in timed),
+        "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+        "max_model_len": max_model_len,
+        "prefix_caching": False,
+        "env": env,
+    }
+    print(throughput_line(result))
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="vLLM on a workload that `sidp bench` wrote")
+    parser.add_argument(
+        "--model", required=True, help="a Hugging Face folder (config, safetensors, tokenizer)"
+    )
+    parser.add_argument(
+        "--workload", type=Path, required=True, help="JSON: {timed: [[ids, n]], warmup: [...]}"
+    )
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, required=True, help="the result, as JSON")
+    return parser.parse_args(argv)
+
+
+def read_workload(path: Path) -> tuple[list[tuple[list[int], int]], list[tuple[list[int], int]]]:
+    """The timed and warm-up requests as (prompt token ids, output length)."""
+    workload = json.loads(path.read_text(encoding="utf-8"))
+    return [(ids, n) for ids, n in workload["timed"]], [(ids, n) for ids, n in workload["warmup"]]
+
+
+def model_len(requests: list[tuple[list[int], int]]) -> int:
+    return max(MIN_MODEL_LEN, *(len(ids) + n for ids, n in requests))
+
+
+def throughput_line(result: dict) -> str:
+    """vLLM's benchmark_throughput line, from the counts of the timed requests."""
+    elapsed = result["elapsed_s"]
+    total = result["prompt_tokens"] + result["output_tokens"]
+    return (
+        f"Throughput: {result['num_requests'] / elapsed:.2f} requests/s, {total / elapsed:.2f} "
+        f"total tokens/s, {result['output_tokens'] / elapsed:.2f} output tokens/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
