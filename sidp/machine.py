@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 
@@ -38,6 +39,7 @@ def bf16_flags() -> dict[str, bool]:
     return {flag: flag in flags for flag in BF16_FLAGS}
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 "flags", arm64 "Features"); empty where /proc/cpuinfo is missing."""
-    return set((cpuinfo("flags", "Features") or "").split())
+    return frozenset((cpuinfo("flags", "Features") or "").split())

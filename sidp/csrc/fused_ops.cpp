@@ -158,7 +158,7 @@ inline float exp_nonpositive(float x) {
 // silu(g) = g / (1 + e^-g), written with e^-|g| so that the exponential never overflows.
 inline float silu(float g) {
   const float e = exp_nonpositive(-std::fabs(g));
-  return g >= 0.0f ? g / (1.0f + e) : g * e / (1.0f + e);
+  return (g >= 0.0f ? g : g * e) / (1.0f + e);
 }
 
 // [rows, 2F] (gate then up, as the fused projection returns them) -> round(round(silu(gate)) * up).

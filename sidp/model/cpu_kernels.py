@@ -30,11 +30,13 @@ from sidp.paths import cache_root
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = sorted(_CSRC.glob("*.cpp"))
 
-# path -> (the CPU flags it needs, the compiler's target, oneDNN's cap)
+# path -> (the CPU flags it needs, the compiler's target, oneDNN's cap). gcc vectorises loops 256 bits
+# wide on AVX-512 CPUs unless told otherwise; 512 made SiLU-and-multiply 1.6x faster here.
+WIDE = " -mprefer-vector-width=512"
 PATHS = {
-    "amx": ({"amx_bf16", "amx_tile", "avx512_bf16"}, "-march=sapphirerapids", "AVX512_CORE_AMX"),
-    "avx512_bf16": ({"avx512_bf16", "avx512bw", "avx512vl"}, "-march=cooperlake", "AVX512_CORE_BF16"),
-    "avx512": ({"avx512f", "avx512bw", "avx512vl"}, "-march=skylake-avx512", "AVX512_CORE"),
+    "amx": ({"amx_bf16", "amx_tile", "avx512_bf16"}, "-march=sapphirerapids" + WIDE, "AVX512_CORE_AMX"),
+    "avx512_bf16": ({"avx512_bf16", "avx512bw", "avx512vl"}, "-march=cooperlake" + WIDE, "AVX512_CORE_BF16"),
+    "avx512": ({"avx512f", "avx512bw", "avx512vl"}, "-march=skylake-avx512" + WIDE, "AVX512_CORE"),
     "avx2": ({"avx2", "fma"}, "-march=haswell", "AVX2"),
     "native": (set(), "-march=native", None),
 }
@@ -80,11 +82,16 @@ def cap_onednn() -> None:
 
 
 def ops(path: str | None = None) -> SimpleNamespace:
-    """The kernels of `path` (default: chosen_path()), as torch ops: paged_decode_attention, rms_norm, ..."""
-    path = path or chosen_path()
-    found = _loaded.get(path)
-    if found is not None:
-        return found
+    """The kernels of `path` (default: the chosen path, looked up once per process: this runs for every
+    op), as torch ops: paged_decode_attention, rms_norm, ..."""
+    key = path or ""
+    found = _loaded.get(key)
+    if found is None:
+        found = _loaded[key] = _load(path or chosen_path())
+    return found
+
+
+def _load(path: str) -> SimpleNamespace:
     with _lock:
         if path not in _loaded:
             namespace = f"sidp_{path}"
@@ -94,7 +101,7 @@ def ops(path: str | None = None) -> SimpleNamespace:
 
 
 def _flags(path: str, namespace: str) -> list[str]:
-    return [*_CFLAGS, PATHS[path][1], f"-DSIDP_NS={namespace}"]
+    return [*_CFLAGS, *PATHS[path][1].split(), f"-DSIDP_NS={namespace}"]
 
 
 def _build_or_load(path: str, namespace: str) -> None:
