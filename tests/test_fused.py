@@ -102,6 +102,19 @@ def test_cache_write(ops, dtype):
     assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)
 
 
+def test_cache_write_narrows_float32_into_a_bf16_cache(ops):
+    cache_k, cache_v = (
+        torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16),
+        torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16),
+    )
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    k, v = torch.randn(3, 3, 64), torch.randn(3, 3, 64)
+    slots = torch.tensor([31, 2, 9])
+    fused.cache_write_reference_(want_k, want_v, slots, k, v)
+    ops.cache_write_(cache_k, cache_v, slots, k, v)
+    assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)
+
+
 def test_cache_write_refuses_a_slot_outside_the_cache(ops):
     cache = torch.zeros(2, 16, 3, 64)
     k = torch.zeros(1, 3, 64)

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -219,6 +220,16 @@ void rotary_(Tensor q, Tensor k, Tensor cos, Tensor sin) {
   });
 }
 
+template <typename S, typename C>
+void copy_row(const typename S::T* from, typename C::T* to, int64_t n) {
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(to, from, n * sizeof(*to));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) to[i] = C::round(S::load(from[i]));
+  }
+}
+
 // k_cache, v_cache [blocks, block_size, Hkv, D]: token t's K/V rows go to flat slot slots[t].
 void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor v) {
   STD_TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
@@ -229,20 +240,23 @@ void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor
   STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == heads && v.size(1) == heads && rk.width == D &&
                       rv.width == D && k.size(0) == slots.size(0) && v.size(0) == slots.size(0),
                   "cache_write_: k and v must be [tokens, Hkv, D] with one slot per token");
-  STD_TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
-                      v_cache.scalar_type() == k_cache.scalar_type(),
-                  "cache_write_: k, v and the caches must share a dtype");
+  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+                  "cache_write_: k and v must share a dtype, and so must the caches");
   const int64_t* slot = slots.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < slots.size(0); ++t)
     STD_TORCH_CHECK(slot[t] >= 0 && slot[t] < total, "cache_write_: slot ", slot[t], " is outside the cache");
-  by_dtype(k.scalar_type(), "cache_write_", [&](auto l) {
-    using T = typename decltype(l)::T;
-    T* kc = static_cast<T*>(k_cache.mutable_data_ptr());
-    T* vc = static_cast<T*>(v_cache.mutable_data_ptr());
-    for_rows(rk.count, D, [&](int64_t r) {  // r = token * heads + head
-      const int64_t at = (slot[r / heads] * heads + r % heads) * D;
-      std::memcpy(kc + at, rk.row<T>(r), D * sizeof(T));
-      std::memcpy(vc + at, rv.row<T>(r), D * sizeof(T));
+  // K/V may come wider than the cache stores them (float32 activations, bf16 cache): narrowed on the way.
+  by_dtype(k.scalar_type(), "cache_write_", [&](auto from) {
+    by_dtype(k_cache.scalar_type(), "cache_write_", [&](auto to) {
+      using S = decltype(from);
+      using C = decltype(to);
+      auto* kc = static_cast<typename C::T*>(k_cache.mutable_data_ptr());
+      auto* vc = static_cast<typename C::T*>(v_cache.mutable_data_ptr());
+      for_rows(rk.count, D, [&](int64_t r) {  // r = token * heads + head
+        const int64_t at = (slot[r / heads] * heads + r % heads) * D;
+        copy_row<S, C>(rk.row<typename S::T>(r), kc + at, D);
+        copy_row<S, C>(rv.row<typename S::T>(r), vc + at, D);
+      });
     });
   });
 }

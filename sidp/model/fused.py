@@ -49,7 +49,7 @@ def cache_write_(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
     """Token t's K/V [T, Hkv, D] into flat slot slots[t] of caches [blocks, block_size, Hkv, D]."""
-    if k.is_cpu and k.dtype == k_cache.dtype:
+    if k.is_cpu:
         cpu_kernels.ops().cache_write_(k_cache, v_cache, slots, k, v)
     else:
         cache_write_reference_(k_cache, v_cache, slots, k, v)
