@@ -1,20 +1,26 @@
 """How fast this CPU multiplies bf16 against float32, and what widening a bf16 weight costs.
 
 Prints median milliseconds for F.linear on SmolLM2's gate/up shape (576 -> 3072) at several row counts:
-float32, native bfloat16, the bf16 weight widened to float32 whole and then multiplied, and
-sidp.model.linear (which widens in L2-sized chunks, and narrows a single row to bf16 instead).
-  python benchmarks/matmul_dtypes.py [--threads N]
+float32, native bfloat16, bfloat16 with the weight prepacked for oneDNN (`sidp.model.linear.packed`;
+only where the CPU multiplies bf16 in hardware), the bf16 weight widened to float32 whole and then
+multiplied, and sidp.model.linear as the decoder calls it (packed where the CPU has bf16 instructions;
+elsewhere widened in L2-sized chunks, a single row narrowed to bf16 instead). Writes JSON too.
+  python benchmarks/matmul_dtypes.py [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sidp.model.linear import linear
+from sidp.bench.report import machine_info
+from sidp.model.linear import compute_dtype, linear, native_matmul, packed
 
 
 def median_ms(fn, *args, repeats: int = 20) -> float:
@@ -30,22 +36,39 @@ def median_ms(fn, *args, repeats: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/matmul-dtypes.json"))
+    args = parser.parse_args()
+    loadavg = os.getloadavg()
+    torch.set_num_threads(args.threads)
     weight = torch.randn(3072, 576, dtype=torch.bfloat16)
     weight32 = weight.float()
     scratch = torch.empty_like(weight32)
-    print(
-        f"{'rows':>5} {'float32':>9} {'bfloat16':>9} {'widened':>9} {'sidp':>9}"
-        f"  (ms, {torch.get_num_threads()} threads)"
-    )
+    native = native_matmul(torch.bfloat16)
+    weight_packed = packed(weight) if native else None
+    sidp_dtype = compute_dtype(torch.bfloat16)
+    columns = ("rows", "float32", "bfloat16", "packed", "widened", "sidp")
+    print(" ".join(f"{c:>9}" for c in columns) + f"  (ms, {torch.get_num_threads()} threads)")
+    rows_out = []
     for rows in (1, 2, 4, 8, 16, 64, 256):
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
         x32 = x.float()
-        fp32 = median_ms(F.linear, x32, weight32)
-        bf16 = median_ms(F.linear, x, weight)
-        widened = median_ms(lambda a: F.linear(a, scratch.copy_(weight)), x32)
-        sidp = median_ms(linear, x32, weight)
-        print(f"{rows:>5} {fp32:>9.2f} {bf16:>9.2f} {widened:>9.2f} {sidp:>9.2f}")
+        row = {
+            "rows": rows,
+            "float32": median_ms(F.linear, x32, weight32),
+            "bfloat16": median_ms(F.linear, x, weight),
+            "packed": median_ms(linear, x, weight_packed) if native else None,
+            "widened": median_ms(lambda a: F.linear(a, scratch.copy_(weight)), x32),
+            "sidp": median_ms(linear, x.to(sidp_dtype), weight_packed if native else weight),
+        }
+        rows_out.append(row)
+        print(" ".join(f"{row[c]:>9.2f}" if row[c] is not None else f"{'-':>9}" for c in columns))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": "python benchmarks/matmul_dtypes.py --threads " + str(args.threads),
+        "rows": rows_out,
+    }
+    args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ class Decoder:
             self.embed, self.lm_head = pool.tensor("embed"), pool.tensor("lm_head")
         else:
             self.embed = read("model.embed_tokens.weight")
-            self.lm_head = self.embed if spec.tie_word_embeddings else read("lm_head.weight")
+            # A tied head is the embedding table itself, which lookups need plain; an untied one is packed.
+            self.lm_head = self.embed if spec.tie_word_embeddings else packed(read("lm_head.weight"))
         self.layers = [
             DecoderLayer(spec, read, i, self.compute_dtype, pool.layer(i) if pool else None, parts)
             for i in range(spec.num_layers)
