@@ -1,5 +1,6 @@
-"""The compiled paged decode-attention kernel against the gather reference and against PyTorch's SDPA on
-each sequence's K/V laid out contiguously. The first test in a session may compile the kernel (~3 s)."""
+"""The compiled paged decode-attention kernel, on every CPU path this CPU runs, against the gather reference
+and against PyTorch's SDPA on each sequence's K/V laid out contiguously. The first test of a path in a
+session may compile its kernels (~10 s)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sidp.model import cpu_kernels
 from sidp.model.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
 # Results are computed in float32 and rounded once to the output dtype, so they may be off by half an ulp
 # of that dtype (2^-8 relative for bf16, 2^-11 for fp16) plus float32 summation-order noise.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@pytest.fixture(params=cpu_kernels.supported_paths())
+def kernel(request):
+    """The op of one path: AVX512-BF16 paths take bf16 dot products straight from the cache, others widen."""
+    return cpu_kernels.ops(request.param).paged_decode_attention
 
 
 def make_problem(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
@@ -78,9 +86,9 @@ def lengths(batch: int, block_size: int) -> list[int]:
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (9, 3)], ids=["group1", "group3"])
 @pytest.mark.parametrize("batch", [1, 37])
-def test_matches_reference_and_sdpa(dtype, block_size, heads, batch):
+def test_matches_reference_and_sdpa(kernel, dtype, block_size, heads, batch):
     problem = make_problem(lengths(batch, block_size), *heads, 64, block_size, dtype)
-    out = paged_decode_attention(*problem)
+    out = kernel(*problem)
     assert out.dtype == dtype and out.shape == problem[0].shape
     rtol = RTOL[dtype]
     torch.testing.assert_close(out.float(), float32_reference(*problem), rtol=rtol, atol=1e-5)
@@ -96,20 +104,23 @@ def test_reference_matches_sdpa():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "heads, head_dim, block_size",
-    [((8, 2), 128, 16), ((5, 5), 40, 8), ((6, 2), 80, 24)],
-    ids=["llama-like", "dim40-block8", "dim80-block24"],
+    [((8, 2), 128, 16), ((5, 5), 40, 8), ((6, 2), 80, 24), ((14, 2), 64, 16)],
+    ids=["llama-like", "dim40-block8", "dim80-block24", "group7"],
 )
-def test_other_shapes(heads, head_dim, block_size):
-    """head_dim not a multiple of 16 and block sizes that split into uneven runs of 16 tokens."""
-    problem = make_problem(lengths(11, block_size), *heads, head_dim, block_size, torch.float32, seed=3)
-    torch.testing.assert_close(paged_decode_attention(*problem), sdpa_unpaged(*problem), rtol=1e-5, atol=1e-5)
+def test_other_shapes(kernel, dtype, heads, head_dim, block_size):
+    """head_dim not a multiple of the vector width (nor, for bf16 dot products, of 32), block sizes that
+    split into uneven runs of 16 tokens, and a group larger than the four heads summed at once."""
+    problem = make_problem(lengths(11, block_size), *heads, head_dim, block_size, dtype, seed=3)
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(kernel(*problem).float(), sdpa_unpaged(*problem), rtol=rtol, atol=1e-5)
 
 
-def test_single_token_context_returns_its_value():
+def test_single_token_context_returns_its_value(kernel):
     q, k, v, tables, lens, scale = make_problem([1, 1], 9, 3, 64, 16, torch.float32)
-    out = paged_decode_attention(q, k, v, tables, lens, scale)
+    out = kernel(q, k, v, tables, lens, scale)
     expected = v[tables[:, 0].long(), 0].repeat_interleave(3, dim=1)  # [B, H, D]: softmax over one key is 1
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 

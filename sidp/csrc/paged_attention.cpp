@@ -3,15 +3,22 @@
 //
 // Written against PyTorch's stable C ABI (torch/csrc/stable), whose headers compile in about a second
 // where <torch/extension.h> takes over twenty. The arithmetic uses GCC/Clang vector extensions, which
-// the compiler maps onto whatever -march=native offers (zmm, ymm or NEON registers).
+// the compiler maps onto whatever -march offers (zmm, ymm or NEON registers), and x86 intrinsics for what
+// those cannot say: fused multiply-adds, and bf16 dot products on CPUs with AVX512-BF16.
 
 #include "library.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -22,39 +29,6 @@ using torch::stable::Tensor;
 
 inline float as_float(uint32_t u) { return std::bit_cast<float>(u); }
 inline uint32_t as_bits(float f) { return std::bit_cast<uint32_t>(f); }
-
-// Element types of the cache: widen() turns n elements into floats, store() narrows one result.
-struct F32 {
-  using T = float;
-  static void widen(const T* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-  static void store(float x, T* dst) { *dst = x; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  // bf16 is the top half of a float, so widening is a zero-extend and a shift (vpmovzxwd + vpslld).
-  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = as_float(uint32_t(src[i]) << 16);
-  }
-  static void store(float x, T* dst) { *dst = torch::headeronly::BFloat16(x).x; }  // rounds to nearest even
-};
-
-struct F16 {
-  using T = uint16_t;
-  // Rebias the exponent by multiplying by 2^112, which is also exact for fp16 subnormals; inf and NaN
-  // take the other branch. gcc does not vectorise _Float16 -> float, hence the bit arithmetic.
-  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t mag = uint32_t(src[i] & 0x7fffu) << 13;
-      const uint32_t sign = uint32_t(src[i] & 0x8000u) << 16;
-      const uint32_t wide = mag >= (0x7c00u << 13) ? (mag | 0x7f800000u) : as_bits(as_float(mag) * 0x1p112f);
-      dst[i] = as_float(wide | sign);
-    }
-  }
-  static void store(float x, T* dst) { *dst = torch::headeronly::Half(x).x; }
-};
 
 // One vector is as wide as the target's registers: generic vectors wider than that are split by gcc
 // through the stack, which made an AVX2 build ten times slower.
@@ -67,8 +41,9 @@ constexpr int kLanes = 4;  // SSE, NEON
 #endif
 typedef float fvec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t hvec __attribute__((vector_size(2 * kLanes)));
 
-inline fvec splat(float x) { return fvec{} + x; }
+inline fvec splat(float x) { return x - fvec{}; }  // x - 0 is x, so no add is emitted
 
 inline fvec vload(const float* p) {
   fvec v;
@@ -76,6 +51,69 @@ inline fvec vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+
+// a * b + c, rounded once where the target has FMA; the reference's matrix products round that way too.
+inline fvec fmadd(fvec a, fvec b, fvec c) {
+#if defined(__AVX512F__)
+  return (fvec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (fvec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Element types of the cache: load() reads kLanes elements as floats, widen() turns n elements into
+// floats, store() narrows one result.
+struct F32 {
+  using T = float;
+  static fvec load(const T* p) { return vload(p); }
+  static void widen(const T* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+  static void store(float x, T* dst) { *dst = x; }
+};
+
+// Zero-extends kLanes uint16 to int32 (vpmovzxwd).
+inline ivec load_u16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (ivec)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  hvec h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, ivec);
+#endif
+}
+
+struct BF16 {
+  using T = uint16_t;
+  // bf16 is the top half of a float, so widening is a zero-extend and a shift (vpmovzxwd + vpslld).
+  static fvec load(const T* p) { return (fvec)(load_u16(p) << 16); }
+  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = as_float(uint32_t(src[i]) << 16);
+  }
+  static void store(float x, T* dst) { *dst = torch::headeronly::BFloat16(x).x; }  // rounds to nearest even
+};
+
+struct F16 {
+  using T = uint16_t;
+  // Rebias the exponent by multiplying by 2^112, which is also exact for fp16 subnormals; inf and NaN
+  // take the other branch. gcc does not vectorise _Float16 -> float, hence the bit arithmetic.
+  static fvec load(const T* p) {
+    const ivec h = load_u16(p), mag = (h & 0x7fff) << 13, sign = (h & 0x8000) << 16;
+    const ivec wide = mag >= (0x7c00 << 13) ? (mag | 0x7f800000) : (ivec)((fvec)mag * 0x1p112f);
+    return (fvec)(wide | sign);
+  }
+  static void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t mag = uint32_t(src[i] & 0x7fffu) << 13;
+      const uint32_t sign = uint32_t(src[i] & 0x8000u) << 16;
+      const uint32_t wide = mag >= (0x7c00u << 13) ? (mag | 0x7f800000u) : as_bits(as_float(mag) * 0x1p112f);
+      dst[i] = as_float(wide | sign);
+    }
+  }
+  static void store(float x, T* dst) { *dst = torch::headeronly::Half(x).x; }
+};
 
 // Lane i of fold<w>(a, b): a's lanes when i < kLanes / 2, else b's; each half of the result takes its
 // vector's lanes in groups of 2w and adds the group's first w lanes onto its last w.
@@ -100,29 +138,6 @@ inline fvec fold_rows(fvec* v) {
     return v[0];
   } else {
     return fold_rows<W / 2>(v);
-  }
-}
-
-// Lane t of the result is the dot product of q with row t of kLanes widened rows. Summing each row's
-// vector on its own would cost as much again as the multiplies; folding them together costs about
-// three instructions per row.
-inline fvec block_scores(const float* q, const float* rows, int64_t width) {
-  fvec part[kLanes];
-#pragma GCC unroll 16
-  for (int t = 0; t < kLanes; ++t) {
-    fvec acc = {};
-    for (int64_t c = 0; c < width; c += kLanes) acc += vload(q + c) * vload(rows + t * width + c);
-    part[t] = acc;
-  }
-  return fold_rows<kLanes / 2>(part);
-}
-
-// acc += sum over t < m of w[t] * rows[t].
-inline void accumulate(float* acc, const float* w, const float* rows, int64_t m, int64_t width) {
-  for (int64_t c = 0; c < width; c += kLanes) {
-    fvec a = vload(acc + c);
-    for (int64_t t = 0; t < m; ++t) a += w[t] * vload(rows + t * width + c);
-    vstore(acc + c, a);
   }
 }
 
@@ -177,101 +192,203 @@ struct Problem {
   float scale;
 };
 
+// The query heads of KV heads [kv_begin, kv_end) of sequence `seq`.
+struct Task {
+  int64_t seq, kv_begin, kv_end;
+};
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Per-thread buffers. Rows are widened to `width` floats (head_dim rounded up to kLanes, zero padded) and
-// handled kLanes at a time; a block whose size is not a multiple of that just ends in a shorter run.
+// Per-thread buffers, indexed by query head. Scores rows have kLanes floats of slack, so that a run's
+// scores are stored as one vector whatever its length.
 struct Scratch {
   int64_t width, len_stride;
   std::vector<float> q, rows, scores, acc, inv_sum;
-  Scratch(int64_t group, int64_t head_dim, int64_t max_len)
-      : width(round_up(head_dim, kLanes)), len_stride(round_up(max_len, kLanes)), q(group * width),
-        rows(kLanes * width), scores(group * len_stride), acc(group * width), inv_sum(group) {}
+  Scratch(int64_t heads, int64_t head_dim, int64_t max_len)
+      : width(round_up(head_dim, kLanes)), len_stride(round_up(max_len, kLanes) + kLanes), q(heads * width),
+        rows(kLanes * width), scores(heads * len_stride), acc(heads * width), inv_sum(heads) {}
 };
 
-// Widens m (<= kLanes) consecutive tokens' rows of one KV head into s.rows.
-template <typename L>
-void widen_rows(const typename L::T* first, int64_t row_stride, int64_t m, int64_t D, Scratch& s) {
-  for (int64_t t = 0; t < m; ++t) L::widen(first + t * row_stride, s.rows.data() + t * s.width, D);
-}
-
-// Calls f(start, m, first_row) for each run of up to kLanes tokens of the sequence that share a cache block.
-// Runs sit in scattered blocks, beyond what the hardware prefetcher guesses, so the next run's rows are
-// requested while this one is worked on.
+// Calls f(start, m, first_row) for each run of up to kLanes tokens of the sequence that share a cache
+// block; first_row points at the run's first token, KV head 0. Blocks are scattered, beyond what the
+// hardware prefetcher guesses, so the next run's rows of the task's KV heads are requested while this
+// one is worked on.
 template <typename T, typename F>
-void for_each_run(const T* cache, const Problem& p, const int32_t* table, int64_t n, int64_t kvh, F&& f) {
+void for_each_run(const T* cache, const Problem& p, const Task& task, int64_t n, F&& f) {
   const int64_t bs = p.block_size, row_stride = p.num_kv_heads * p.head_dim;
-  const int64_t row_bytes = p.head_dim * int64_t(sizeof(T));
+  const int32_t* table = p.block_tables + task.seq * p.max_blocks;
+  const int64_t skip = task.kv_begin * p.head_dim * int64_t(sizeof(T));
+  const int64_t span = (task.kv_end - task.kv_begin) * p.head_dim * int64_t(sizeof(T));
   auto run_at = [&](int64_t start, int64_t& m) {
     const int64_t in_block = start % bs;
     m = std::min({int64_t{kLanes}, bs - in_block, n - start});
-    return cache + (table[start / bs] * bs + in_block) * row_stride + kvh * p.head_dim;
+    return cache + (table[start / bs] * bs + in_block) * row_stride;
   };
   int64_t m = 0, next_m = 0;
   for (int64_t start = 0; start < n; start += m) {
     const T* first = run_at(start, m);
     if (start + m < n) {
-      const char* next = reinterpret_cast<const char*>(run_at(start + m, next_m));
-      for (int64_t t = 0; t < next_m; ++t)
-        for (int64_t byte = 0; byte < row_bytes; byte += 64)
-          __builtin_prefetch(next + t * row_stride * int64_t(sizeof(T)) + byte);
+      const T* next = run_at(start + m, next_m);
+      for (int64_t t = 0; t < next_m; ++t) {
+        const auto* row = reinterpret_cast<const char*>(next + t * row_stride) + skip;
+        for (uintptr_t line = uintptr_t(row) & ~uintptr_t{63}; line < uintptr_t(row + span); line += 64)
+          __builtin_prefetch(reinterpret_cast<const void*>(line));
+      }
     }
     f(start, m, first);
   }
 }
 
-// All query heads of KV head `kvh` for sequence `b`: one pass over its keys, then one over its values,
-// so each cached row is read once however large the group.
-template <typename L>
-void attend(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
-  using T = typename L::T;
-  const int64_t D = p.head_dim, W = s.width, G = p.num_heads / p.num_kv_heads, stride = s.len_stride;
-  const int64_t n = p.context_lens[b], n_pad = round_up(n, kLanes);
-  const int64_t row_stride = p.num_kv_heads * D;  // between consecutive tokens of one block
-  const int32_t* table = p.block_tables + b * p.max_blocks;
-  const int64_t first_head = b * p.num_heads + kvh * G;
-
-  const T* q = static_cast<const T*>(p.q) + first_head * D;
-  for (int64_t g = 0; g < G; ++g) {
-    float* qg = s.q.data() + g * W;
-    L::widen(q + g * D, qg, D);
-    for (int64_t d = 0; d < D; ++d) qg[d] *= p.scale;
+// Lane t of the result is the dot product of q with row t (t < m; other lanes are 0), `width` elements
+// each. Summing each row's vector on its own would cost as much again as the multiplies; folding them
+// together costs about three instructions per row.
+template <typename R>
+inline fvec block_scores(const float* q, const typename R::T* rows, int64_t stride, int64_t m,
+                         int64_t width) {
+  fvec part[kLanes];
+#pragma GCC unroll 16
+  for (int t = 0; t < kLanes; ++t) {
+    fvec acc = {};
+    if (t < m)
+      for (int64_t c = 0; c < width; c += kLanes)
+        acc = fmadd(vload(q + c), R::load(rows + t * stride + c), acc);
+    part[t] = acc;
   }
+  return fold_rows<kLanes / 2>(part);
+}
 
-  for_each_run(static_cast<const T*>(p.k), p, table, n, kvh, [&](int64_t start, int64_t m, const T* first) {
-    widen_rows<L>(first, row_stride, m, D, s);
-    for (int64_t g = 0; g < G; ++g) {
-      float scores[kLanes];
-      vstore(scores, block_scores(s.q.data() + g * W, s.rows.data(), W));
-      std::copy(scores, scores + m, s.scores.data() + g * stride + start);
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+
+// block_scores for bf16 q and rows, head_dim a multiple of 32: vdpbf16ps multiplies pairs of bf16 where
+// they lie, without widening them first. Products of two bf16 are exact in float32; only the order of the
+// additions differs from the widened path.
+inline fvec block_scores_bf16(const uint16_t* q, const uint16_t* rows, int64_t stride, int64_t m,
+                              int64_t D) {
+  fvec part[kLanes];
+#pragma GCC unroll 16
+  for (int t = 0; t < kLanes; ++t) {
+    __m512 acc = _mm512_setzero_ps();
+    if (t < m)
+      for (int64_t c = 0; c < D; c += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + c),
+                               (__m512bh)_mm512_loadu_si512(rows + t * stride + c));
+    part[t] = (fvec)acc;
+  }
+  return fold_rows<kLanes / 2>(part);
+}
+#else
+constexpr bool kDotBf16 = false;
+inline fvec block_scores_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t) { return fvec{}; }
+#endif
+
+// For each of N query heads g: acc[g] += sum over t < m of w[g][t] * rows[t], loading each row once for
+// all of them (N is fixed so that the sums stay in registers).
+template <int N, typename R>
+inline void accumulate(float* acc, int64_t acc_stride, const float* w, int64_t w_stride,
+                       const typename R::T* rows, int64_t stride, int64_t m, int64_t width) {
+  for (int64_t c = 0; c < width; c += kLanes) {
+    fvec a[N];
+    for (int g = 0; g < N; ++g) a[g] = vload(acc + g * acc_stride + c);
+    for (int64_t t = 0; t < m; ++t) {
+      const fvec x = R::load(rows + t * stride + c);
+      for (int g = 0; g < N; ++g) a[g] = fmadd(splat(w[g * w_stride + t]), x, a[g]);
+    }
+    for (int g = 0; g < N; ++g) vstore(acc + g * acc_stride + c, a[g]);
+  }
+}
+
+// The query heads [h, h + G) of one KV head, four at a time.
+template <typename R>
+void accumulate_group(Scratch& s, int64_t h, int64_t G, int64_t start, const typename R::T* rows,
+                      int64_t stride, int64_t m) {
+  const int64_t W = s.width, ls = s.len_stride;
+  for (int64_t end = h + G; h < end; h += 4) {
+    float* acc = s.acc.data() + h * W;
+    const float* w = s.scores.data() + h * ls + start;
+    switch (std::min<int64_t>(4, end - h)) {
+      case 1: accumulate<1, R>(acc, W, w, ls, rows, stride, m, W); break;
+      case 2: accumulate<2, R>(acc, W, w, ls, rows, stride, m, W); break;
+      case 3: accumulate<3, R>(acc, W, w, ls, rows, stride, m, W); break;
+      default: accumulate<4, R>(acc, W, w, ls, rows, stride, m, W); break;
+    }
+  }
+}
+
+// Calls f(element_type, rows, stride) on the m rows of one KV head starting at `first`: the cache's own
+// rows when the head fills whole vectors, else F32 rows widened into s.rows and zero-padded to s.width.
+template <typename L, typename F>
+void with_rows(const typename L::T* first, int64_t row_stride, int64_t m, int64_t D, Scratch& s, F&& f) {
+  if (D == s.width) return f(L{}, first, row_stride);
+  for (int64_t t = 0; t < m; ++t) L::widen(first + t * row_stride, s.rows.data() + t * s.width, D);
+  f(F32{}, static_cast<const float*>(s.rows.data()), s.width);
+}
+
+// The task's query heads: one pass over its keys, then one over its values, each reading every row of its
+// KV heads once however large the group.
+template <typename L>
+void attend(const Problem& p, const Task& task, Scratch& s) {
+  using T = typename L::T;
+  const int64_t D = p.head_dim, W = s.width, G = p.num_heads / p.num_kv_heads, ls = s.len_stride;
+  const int64_t n = p.context_lens[task.seq], n_pad = round_up(n, kLanes);
+  const int64_t row_stride = p.num_kv_heads * D;  // between consecutive tokens of one block
+  const int64_t h0 = task.kv_begin * G, h1 = task.kv_end * G;  // the task's query heads
+  const T* q = static_cast<const T*>(p.q) + task.seq * p.num_heads * D;
+  for (int64_t h = h0; h < h1; ++h) L::widen(q + h * D, s.q.data() + h * W, D);
+
+  for_each_run(static_cast<const T*>(p.k), p, task, n, [&](int64_t start, int64_t m, const T* first) {
+    auto scores = [&](int64_t h) { return s.scores.data() + h * ls + start; };
+    for (int64_t kvh = task.kv_begin; kvh < task.kv_end; ++kvh) {
+      const T* rows = first + kvh * D;
+      if constexpr (kDotBf16 && std::is_same_v<L, BF16>) {
+        if (D % 32 == 0) {
+          for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h)
+            vstore(scores(h), block_scores_bf16(q + h * D, rows, row_stride, m, D) * p.scale);
+          continue;
+        }
+      }
+      with_rows<L>(rows, row_stride, m, D, s, [&](auto r, const auto* x, int64_t stride) {
+        for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h)
+          vstore(scores(h), block_scores<decltype(r)>(s.q.data() + h * W, x, stride, m, W) * p.scale);
+      });
     }
   });
 
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s.scores.data() + g * stride;
-    std::fill(sg + n, sg + n_pad, -INFINITY);
-    s.inv_sum[g] = 1.0f / softmax_numerators(sg, n_pad);
+  for (int64_t h = h0; h < h1; ++h) {
+    float* sh = s.scores.data() + h * ls;
+    std::fill(sh + n, sh + n_pad, -INFINITY);
+    s.inv_sum[h] = 1.0f / softmax_numerators(sh, n_pad);
   }
 
-  std::fill(s.acc.begin(), s.acc.end(), 0.0f);
-  for_each_run(static_cast<const T*>(p.v), p, table, n, kvh, [&](int64_t start, int64_t m, const T* first) {
-    widen_rows<L>(first, row_stride, m, D, s);
-    for (int64_t g = 0; g < G; ++g)
-      accumulate(s.acc.data() + g * W, s.scores.data() + g * stride + start, s.rows.data(), m, W);
+  std::fill(s.acc.begin() + h0 * W, s.acc.begin() + h1 * W, 0.0f);
+  for_each_run(static_cast<const T*>(p.v), p, task, n, [&](int64_t start, int64_t m, const T* first) {
+    for (int64_t kvh = task.kv_begin; kvh < task.kv_end; ++kvh)
+      with_rows<L>(first + kvh * D, row_stride, m, D, s, [&](auto r, const auto* x, int64_t stride) {
+        accumulate_group<decltype(r)>(s, kvh * G, G, start, x, stride, m);
+      });
   });
 
-  T* out = static_cast<T*>(p.out) + first_head * D;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) L::store(s.acc[g * W + d] * s.inv_sum[g], out + g * D + d);
+  T* out = static_cast<T*>(p.out) + task.seq * p.num_heads * D;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t d = 0; d < D; ++d) L::store(s.acc[h * W + d] * s.inv_sum[h], out + h * D + d);
 }
 
 template <typename L>
 void run(const Problem& p, int64_t batch, int64_t max_len) {
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  // Tasks are (sequence, kv head) pairs; no exception may leave this callback (it crosses a C ABI).
-  torch::stable::parallel_for(0, batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(group, p.head_dim, max_len);
-    for (int64_t i = begin; i < end; ++i) attend<L>(p, i / p.num_kv_heads, i % p.num_kv_heads, scratch);
+  const int64_t threads = torch::stable::get_num_threads();
+  // A task walks its sequence's blocks once for all KV heads, reading each block's rows as one run. With
+  // too few sequences to keep every thread busy, each KV head is a task of its own.
+  const int64_t splits = batch < 4 * threads ? p.num_kv_heads : 1, tasks = batch * splits;
+  // Threads take tasks in turn, so that one slowed down (a long context, a busy core) holds up no other.
+  // No exception may leave this callback (it crosses a C ABI).
+  std::atomic<int64_t> next{0};
+  torch::stable::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    Scratch scratch(p.num_heads, p.head_dim, max_len);
+    for (int64_t i = next++; i < tasks; i = next++) {
+      const int64_t part = i % splits;
+      attend<L>(p, Task{i / splits, part * p.num_kv_heads / splits, (part + 1) * p.num_kv_heads / splits},
+                scratch);
+    }
   });
 }
 
