@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,10 @@ def test_configs_may_name_their_own_pooled_parts():
     for bad in ("dp:mlp", "fast", "map:gpu"):
         with pytest.raises(SidpError):
             parse_configs(bad)
+
+
+def test_reports_name_the_home_folder_as_tilde():
+    home = Path.home()
+    assert throughput.home_as_tilde(str(home / ".cache" / "x")) == "~/.cache/x"
+    assert throughput.home_as_tilde(str(home) + "less/x") == str(home) + "less/x"
+    assert throughput.home_as_tilde("docs/bench/a.json") == "docs/bench/a.json"

@@ -175,10 +175,15 @@ def run(args: argparse.Namespace) -> dict:
         print_side_by_side(args, configs, results, machine)
 
     report = {
-        "command": list(sys.orig_argv),  # with the interpreter and its flags, unlike argv
+        # As typed (`sidp bench ...`), the home folder as ~: the report is meant to be shared and committed.
+        "command": " ".join(["sidp", *(home_as_tilde(a) for a in sys.argv[1:])]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
-        "model": str(model_path),
+        "config": {
+            k: home_as_tilde(str(v)) if isinstance(v, (str, Path)) else v
+            for k, v in vars(args).items()
+            if k != "func"
+        },
+        "model": home_as_tilde(str(model_path)),
         "dtype": dtype_name,
         "workload": workload_stats(workload, args.seed, len(warmup)),
         "results": results,
@@ -196,6 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return report
+
+
+def home_as_tilde(text: str) -> str:
+    home = str(Path.home())
+    return "~" + text[len(home) :] if text == home or text.startswith(home + os.sep) else text
 
 
 def run_configs(
