@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench-results/profile.json"))
     args = parser.parse_args()
-    loadavg = __import__("os").getloadavg()
+    loadavg = os.getloadavg()
 
     llm = LLM(dtype=args.dtype)
     # The same requests as `sidp bench` (its seeds; special and EOS ids left out of prompts).
@@ -85,7 +86,8 @@ def main() -> None:
             f"  {name:<44} {op['self_s']:7.2f} s  {100 * op['self_s'] / wall:5.1f}%  {op['calls']:>8} calls"
         )
     report = {
-        "command": "python benchmarks/profile_bench.py --dtype " + args.dtype,
+        "command": f"python benchmarks/profile_bench.py --dtype {args.dtype} --num-requests "
+        f"{args.num_requests} --out {args.out}",
         "dtype": args.dtype,
         "num_requests": len(requests),
         "wall_s": wall,
