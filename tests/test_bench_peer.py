@@ -191,10 +191,14 @@ def test_bf16_flags_reads_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(
         machine, "cpuinfo", lambda *keys: "fpu avx2 amx_tile amx_int8" if "flags" in keys else None
     )
-    assert machine.bf16_flags() == {
-        "avx2": True,
-        "avx512f": False,
-        "avx512_bf16": False,
-        "amx_tile": True,
-        "amx_bf16": False,
-    }
+    machine.cpu_flags.cache_clear()  # read once per process: this test's flags must be read afresh
+    try:
+        assert machine.bf16_flags() == {
+            "avx2": True,
+            "avx512f": False,
+            "avx512_bf16": False,
+            "amx_tile": True,
+            "amx_bf16": False,
+        }
+    finally:
+        machine.cpu_flags.cache_clear()  # the next reader sees this CPU's flags again
