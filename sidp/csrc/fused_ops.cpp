@@ -4,6 +4,7 @@
 // op-by-op reference (sidp/model/fused.py) rounds, so the results are that reference's bits up to the
 // order of one sum (RMSNorm's mean) and a last-bit difference in exp (SiLU).
 
+#include "exp_nonpositive.h"
 #include "library.h"
 
 #include <bit>
@@ -140,20 +141,8 @@ Tensor add_rms_norm_(Tensor residual, Tensor delta, Tensor weight, double eps) {
   return out;
 }
 
-// e^x for x <= 0 (the attention kernel's method, scalar): 2^n * e^r with a degree-7 polynomial for e^r.
 inline float exp_nonpositive(float x) {
-  const float y = x < -87.0f ? -87.0f : x;  // no branch, so that loops calling this vectorise
-  const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return x < -87.0f ? 0.0f : p * as_float(uint32_t(int32_t(n) + 127) << 23);
+  return exp_of_nonpositive(x, [](float n) { return as_float(uint32_t(int32_t(n) + 127) << 23); });
 }
 
 // silu(g) = g / (1 + e^-g), written with e^-|g| so that the exponential never overflows.

@@ -6,6 +6,7 @@
 // the compiler maps onto whatever -march offers (zmm, ymm or NEON registers), and x86 intrinsics for what
 // those cannot say: fused multiply-adds, and bf16 dot products on CPUs with AVX512-BF16.
 
+#include "exp_nonpositive.h"
 #include "library.h"
 
 #if defined(__x86_64__)
@@ -141,23 +142,8 @@ inline fvec fold_rows(fvec* v) {
   }
 }
 
-// e^x for x <= 0 as 2^n * e^r, |r| <= ln2/2, with a degree-7 Taylor polynomial for e^r (truncation
-// error < 1e-8, so within a couple of ulp of expf); libm's expf only vectorises under -ffast-math.
-// Below -87 the result would leave float's normal range; it is returned as 0, which padding relies on.
 inline fvec exp_nonpositive(fvec x) {
-  const fvec y = x < -87.0f ? splat(-87.0f) : x;
-  const fvec n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23 rounds to integer
-  const fvec r = (y - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts: n * hi is exact
-  fvec p = splat(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const fvec two_n = (fvec)((__builtin_convertvector(n, ivec) + 127) << 23);
-  return x < -87.0f ? splat(0.0f) : p * two_n;
+  return exp_of_nonpositive(x, [](fvec n) { return (fvec)((__builtin_convertvector(n, ivec) + 127) << 23); });
 }
 
 // Turns n scores into unnormalised probabilities in place; returns their sum. n is a multiple of kLanes
