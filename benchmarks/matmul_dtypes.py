@@ -64,7 +64,7 @@ def main() -> None:
         print(" ".join(f"{row[c]:>9.2f}" if row[c] is not None else f"{'-':>9}" for c in columns))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": "python benchmarks/matmul_dtypes.py --threads " + str(args.threads),
+        "command": f"python benchmarks/matmul_dtypes.py --threads {args.threads} --out {args.out}",
         "rows": rows_out,
     }
     args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")

@@ -62,8 +62,9 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout where that multiplies faster, else `weight` itself.
 
     On a CPU that multiplies bf16/fp16 in hardware, a prepacked weight spares oneDNN its per-call
-    reordering: 1.4-1.6x for the 8-64 rows of a decode step, the same for thousands of rows
-    (`python benchmarks/matmul_dtypes.py`). float32 goes to MKL, where packing measured no faster.
+    reordering: 1.4-1.8x for 1 to 256 rows of SmolLM2's gate/up on an AMX Xeon (`python
+    benchmarks/matmul_dtypes.py`, docs/bench/matmul-dtypes-amx.json). float32 goes to MKL, where
+    packing measured no faster in a scratch test.
     The packed tensor takes the place of the plain one (same bytes); only `linear` can read it.
     """
     cpu_native = weight.device.type == "cpu" and weight.dtype != torch.float32 and native_matmul(weight.dtype)
