@@ -1,7 +1,8 @@
 """The per-replica memory ledger: budget → weights + activation workspace → KV blocks.
 
-Everything here is arithmetic on the model spec, so the numbers are exact, known before a single
-weight is read, and the same on any machine. The workspace is an upper estimate of the activations
+Everything here is arithmetic on the model spec, known before a single weight is read. The machine
+enters in two places: the compute dtype (float32 where the CPU cannot multiply bf16 natively), and the
+packed copy of a tied LM head (only where it can). The workspace is an upper estimate of the activations
 that the largest step keeps alive at once (one layer's worth, since layers run one after another).
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sidp.errors import DoesNotFit, SidpError
-from sidp.model.linear import compute_dtype, scratch_bytes
+from sidp.model.linear import compute_dtype, native_matmul, scratch_bytes
 from sidp.model.spec import ModelSpec
 
 _UNITS = {
@@ -145,6 +146,10 @@ class MemoryPlan:
         return sum(self.weights.values())
 
     @property
+    def packs_tied_head(self) -> bool:
+        return TIED_HEAD_COPY in self.weights
+
+    @property
     def kv_bytes(self) -> int:
         return self.num_blocks * self.block_bytes
 
@@ -188,6 +193,21 @@ class MemoryPlan:
         )
 
 
+# A tied LM head multiplies 2-3x faster from a copy in oneDNN's packed layout (the embedding lookups need
+# the plain table). The copy is made when it costs at most this share of what is left for the KV cache.
+TIED_HEAD_COPY = "lm_head (packed copy of the tied embedding)"
+TIED_HEAD_COPY_MAX_SHARE = 1 / 8
+
+
+def tied_head_copy_bytes(spec: ModelSpec, dtype: torch.dtype, share: PoolShare | None, device: str) -> int:
+    """The bytes of the packed copy a tied head would take on this replica; 0 where none is made."""
+    if not spec.tie_word_embeddings or device != "cpu" or dtype == torch.float32 or not native_matmul(dtype):
+        return 0
+    if share and "embed" in share.parts:  # the pool serves the head
+        return 0
+    return spec.vocab_size * spec.hidden_size * dtype.itemsize
+
+
 def plan_memory(
     spec: ModelSpec,
     dtype: torch.dtype,
@@ -205,6 +225,10 @@ def plan_memory(
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     held = sum(weights.values())
     free = budget - held - workspace
+    copy = tied_head_copy_bytes(spec, dtype, share, device)
+    if copy and copy <= (free - copy) * TIED_HEAD_COPY_MAX_SHARE:
+        weights[TIED_HEAD_COPY] = copy
+        held, free = held + copy, free - copy
     if free < block_bytes:
         need = held + workspace + block_bytes
         raise DoesNotFit(

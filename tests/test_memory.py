@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidp import LLM
+from sidp import LLM, SamplingParams, memory
+from sidp.model.checkpoint import read_config
+from sidp.model.linear import native_matmul
+from sidp.model.spec import ModelSpec
 
 
 def held_weight_bytes(model) -> int:
@@ -33,3 +36,42 @@ def test_start_up_prints_vllm_lines(tiny_model, capfd):
     text = capfd.readouterr().err
     assert f"KV cache size: {llm.engine.plan.kv_tokens:,} tokens" in text
     assert f"Maximum concurrency for 512 tokens per request: {llm.engine.plan.kv_tokens / 512:.2f}x" in text
+
+
+def test_a_tied_head_gets_its_packed_copy_only_where_it_is_cheap(tiny_model, monkeypatch):
+    """The copy is counted as weights, and made only where it is at most 1/8 of what the KV cache gets."""
+    monkeypatch.setattr(memory, "native_matmul", lambda dtype: True)  # the arithmetic, on any CPU
+    spec = ModelSpec.from_hf_config(read_config(tiny_model("qwen2", True)))
+    copy = spec.vocab_size * spec.hidden_size * 2
+
+    def plan(budget, dtype=torch.bfloat16, spec=spec, share=None, device="cpu"):
+        return memory.plan_memory(spec, dtype, budget, 16, 256, 16, share=share, device=device)
+
+    roomy = plan(64 * 2**20)
+    assert roomy.packs_tied_head and roomy.weights[memory.TIED_HEAD_COPY] == copy
+    assert roomy.kv_bytes <= roomy.budget - roomy.weight_total - roomy.workspace
+    tight = plan(plan(64 * 2**20).weight_total - copy + roomy.workspace + 4 * copy)
+    assert not tight.packs_tied_head and memory.TIED_HEAD_COPY not in tight.weights
+    assert not plan(64 * 2**20, dtype=torch.float32).packs_tied_head
+    assert not plan(64 * 2**20, device="cuda").packs_tied_head
+    pooled = memory.PoolShare(frozenset({"mlp", "embed"}), 1, True, 2, 0)
+    assert not plan(64 * 2**20, share=pooled).packs_tied_head
+    untied = ModelSpec.from_hf_config(read_config(tiny_model("qwen2", False)))
+    assert not plan(64 * 2**20, spec=untied).packs_tied_head
+
+
+@pytest.mark.skipif(not native_matmul(torch.bfloat16), reason="the copy is made only where bf16 is native")
+def test_a_packed_tied_head_samples_what_the_plain_one_does(tiny_model):
+    llm = LLM(tiny_model("qwen2", True), dtype="bfloat16", memory_per_replica="64MiB")
+    model = llm.engine.runner.model
+    assert llm.engine.plan.packs_tied_head and model.lm_head.is_mkldnn
+    prompts = [{"prompt_token_ids": [5, 9, 14, 3]}, {"prompt_token_ids": [7, 7, 2]}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def greedy() -> list[list[int]]:
+        return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+
+    packed = greedy()
+    model.lm_head = model.embed
+    assert greedy() == packed
+    llm.close()

@@ -66,9 +66,11 @@ def peer_env(environ: Mapping[str, str], cores: int | None = None) -> dict[str, 
     }
 
 
-def peer_command(python: str, peer: str, model: Path, workload: Path, dtype: str, out: Path) -> list[str]:
+def peer_command(
+    python: str, peer: str, model: Path, workload: Path, dtype: str, out: Path, profile: bool = False
+) -> list[str]:
     paths = ["--model", str(model), "--workload", str(workload), "--out", str(out)]
-    return [python, str(RUNNERS[peer]), *paths, "--dtype", dtype]
+    return [python, str(RUNNERS[peer]), *paths, "--dtype", dtype, *(["--profile"] if profile else [])]
 
 
 def write_workload(path: Path, requests: list[Request], warmup: list[Request]) -> None:
@@ -88,17 +90,25 @@ def read_result(path: Path, requests: list[Request]) -> dict:
             f"The peer ran another workload than sidp's {want} (requests, prompt, output tokens)."
         )
     result = {"engine": got["engine"], "label": got["engine"], **rates(requests, got["elapsed_s"])}
-    return result | {key: got[key] for key in KEPT}
+    return result | {key: got[key] for key in KEPT} | ({"ops": got["ops"]} if "ops" in got else {})
 
 
 def run_peer(
-    peer: str, python: str, model: Path, dtype: str, requests: list[Request], warmup: list[Request]
+    peer: str,
+    python: str,
+    model: Path,
+    dtype: str,
+    requests: list[Request],
+    warmup: list[Request],
+    profile: bool = False,
 ) -> dict:
-    """The workload through the peer, its output passed through to stderr as it comes."""
+    """The workload through the peer, its output passed through to stderr as it comes; with `profile`, the
+    result's "ops" holds each op's self time during the timed requests."""
     with tempfile.TemporaryDirectory(prefix=f"sidp-{peer}-") as folder:
         workload, out = Path(folder, "workload.json"), Path(folder, "result.json")
         write_workload(workload, requests, warmup)
-        stream(peer_command(python, peer, model, workload, dtype, out), peer_env(os.environ), TIME_LIMIT_S)
+        command = peer_command(python, peer, model, workload, dtype, out, profile)
+        stream(command, peer_env(os.environ), TIME_LIMIT_S)
         result = read_result(out, requests)
     print(f"{peer} {result['version']}: {throughput_line(result)}")
     return result

@@ -5,6 +5,11 @@ library and vLLM. sidp writes the workload (the same token ids and output length
 this times one `generate` after the warm-up, prints vLLM's throughput line and writes the result.
 
     PEER_PYTHON sidp/bench/peer_vllm.py --model DIR --workload W.json --dtype bfloat16 --out R.json
+
+With --profile, the timed `generate` runs under torch's profiler and the result carries each op's self
+CPU time (benchmarks/profile_bench.py groups them). The profiler sees only its own process, so the engine
+then runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which needs PyTorch's libgomp preloaded
+for the thread binding to use every core: the runner restarts itself with both set.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ MIN_MODEL_LEN = 2048  # what vLLM's CPU figures in docs/BENCHMARKS.md were measu
 
 def main() -> None:
     args = parse_args()
+    if args.profile:
+        restart_in_process()
     env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}  # as given, before vLLM adds its own
     import vllm  # here, not at the top: sidp imports the helpers below without vLLM
 
@@ -37,9 +44,17 @@ def main() -> None:
 
     if warmup:
         generate(warmup)
+    profiler = None
+    if args.profile:
+        import torch
+
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        profiler.start()
     started = time.perf_counter()
     outputs = generate(timed)
     elapsed = time.perf_counter() - started
+    if profiler is not None:
+        profiler.stop()
     for i, (out, (_, n)) in enumerate(zip(outputs, timed, strict=True)):
         if len(out.outputs[0].token_ids) != n:  # throughput counted from the request would be wrong
             sys.exit(f"vLLM returned {len(out.outputs[0].token_ids)} tokens for request {i}, not {n}.")
@@ -56,6 +71,12 @@ def main() -> None:
         "prefix_caching": False,
         "env": env,
     }
+    if profiler is not None:
+        result["ops"] = {
+            e.key: {"self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+            for e in profiler.key_averages()
+            if e.self_cpu_time_total > 0
+        }
     print(throughput_line(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
@@ -70,7 +91,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, required=True, help="the result, as JSON")
+    parser.add_argument("--profile", action="store_true", help="time each op of the timed generate")
     return parser.parse_args(argv)
+
+
+def restart_in_process() -> None:
+    """Exec this runner again with the engine in this process and PyTorch's libgomp preloaded, unless
+    that is how it runs already."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and "gomp" in preload:
+        return
+    import glob
+    import importlib.util
+
+    torch_dir = Path(importlib.util.find_spec("torch").origin).parent  # without importing torch
+    found = sorted(glob.glob(str(torch_dir / "lib" / "libgomp*.so*")))
+    if not found:
+        sys.exit(f"--profile: no libgomp under {torch_dir / 'lib'} to preload for vLLM's thread binding.")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env["LD_PRELOAD"] = ":".join(filter(None, [preload, found[0]]))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def read_workload(path: Path) -> tuple[list[tuple[list[int], int]], list[tuple[list[int], int]]]:

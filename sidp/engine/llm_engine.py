@@ -57,7 +57,15 @@ class LLMEngine:
         self.plan = plan
         if runner is None:
             checkpoint = open_checkpoint(config.model)
-            model = Decoder(spec, checkpoint, config.dtype, config.max_model_len, pool, config.device)
+            model = Decoder(
+                spec,
+                checkpoint,
+                config.dtype,
+                config.max_model_len,
+                pool,
+                config.device,
+                pack_tied_head=plan.packs_tied_head,
+            )
             runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype, config.device)
         self.runner = runner
         self._tokenizer = None  # loaded when a request first asks for stop strings

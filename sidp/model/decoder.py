@@ -133,8 +133,10 @@ class Decoder:
         max_positions: int,
         pool: WeightPool | None = None,
         device: str = "cpu",
+        pack_tied_head: bool = False,
     ):
-        """pool, when given, serves the parts it pools; this process reads only the rest, onto `device`."""
+        """pool, when given, serves the parts it pools; this process reads only the rest, onto `device`.
+        pack_tied_head: multiply a tied LM head from a packed copy (the memory plan decides and counts it)."""
 
         def read(name: str) -> torch.Tensor:
             return checkpoint.read(name, dtype).to(device)
@@ -147,8 +149,11 @@ class Decoder:
             self.embed, self.lm_head = pool.tensor("embed"), pool.tensor("lm_head")
         else:
             self.embed = read("model.embed_tokens.weight")
-            # A tied head is the embedding table itself, which lookups need plain; an untied one is packed.
-            self.lm_head = self.embed if spec.tie_word_embeddings else packed(read("lm_head.weight"))
+            # Lookups need the embedding table plain, so a tied head is packed only as a copy.
+            if spec.tie_word_embeddings:
+                self.lm_head = packed(self.embed) if pack_tied_head else self.embed
+            else:
+                self.lm_head = packed(read("lm_head.weight"))
         self.layers = [
             DecoderLayer(spec, read, i, self.compute_dtype, pool.layer(i) if pool else None, parts)
             for i in range(spec.num_layers)
