@@ -78,12 +78,12 @@ def paged_attention(
     q/k/v come in the compute dtype, which may be wider than the cache's (see linear.py).
     """
     cache.write(batch.slot_mapping, k, v)
-    out = torch.empty_like(q)
+    decoded = None
     if batch.num_decode:
         decode = paged_decode_attention
         if q.is_cuda:  # imported here: the CPU path never needs triton
             from sidp.model.paged_attention_triton import paged_decode_attention_triton as decode
-        out[: batch.num_decode] = decode(
+        decoded = decode(
             q[: batch.num_decode].to(cache.k.dtype),
             cache.k,
             cache.v,
@@ -91,6 +91,11 @@ def paged_attention(
             batch.decode_context_lens,
             scale,
         )
+        if not batch.prefills:  # most steps: no rows to place beside the kernel's
+            return decoded.to(q.dtype)
+    out = torch.empty_like(q)
+    if decoded is not None:
+        out[: batch.num_decode] = decoded
     for chunk in batch.prefills:
         if chunk.context_slots is None:
             keys, values = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
