@@ -122,6 +122,26 @@ def test_cache_write_refuses_a_slot_outside_the_cache(ops):
         ops.cache_write_(cache, cache.clone(), torch.tensor([32]), k, k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", (2, 64))
+def test_greedy_argmax_picks_the_first_largest(ops, dtype, rows):
+    logits = torch.randn(rows, 49152).to(dtype)
+    logits[0, 7] = logits[0, 40000] = logits[0].max() + 1  # a tie: the first one wins
+    logits[-1, :] = -float("inf")
+    logits[-1, 30000] = float("inf")
+    got = ops.greedy_argmax(logits)
+    assert got.dtype == torch.int64 and torch.equal(got, fused.greedy_argmax_reference(logits))
+    assert got[0] == 7 and got[-1] == 30000
+
+
+def test_greedy_argmax_of_a_row_with_nan_or_only_minus_inf(ops):
+    logits = torch.zeros(3, 40)
+    logits[0, 30], logits[0, 9] = float("nan"), 5.0
+    logits[1, :] = -float("inf")
+    logits[2, 4], logits[2, 5] = float("nan"), float("nan")
+    assert torch.equal(ops.greedy_argmax(logits), fused.greedy_argmax_reference(logits))
+
+
 def test_kernels_refuse_what_they_cannot_read(ops):
     x = torch.randn(4, 576)
     with pytest.raises(RuntimeError, match="must share a dtype"):
@@ -130,3 +150,5 @@ def test_kernels_refuse_what_they_cannot_read(ops):
         ops.rms_norm(x.t(), torch.randn(4), 1e-5)
     with pytest.raises(RuntimeError, match="dtype must be"):
         ops.silu_and_mul(torch.zeros(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous 2-D logits"):
+        ops.greedy_argmax(x.t())

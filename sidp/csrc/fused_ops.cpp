@@ -252,12 +252,72 @@ void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor
 
 }  // namespace
 
+// The first index of each row's largest value (of its first NaN, if it has one): what torch.max(dim=-1)
+// returns, over 2-D logits in their own dtype, so greedy sampling needs no float32 copy of them.
+template <typename L>
+int64_t argmax_row(const typename L::T* x, int64_t n) {
+  // One running maximum per lane: gcc does not vectorise a max reduction without -ffast-math.
+  constexpr int64_t kLanes = 16;
+  float lane_top[kLanes];
+  int lane_nans[kLanes] = {};
+  std::fill(lane_top, lane_top + kLanes, -INFINITY);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = L::load(x[i + j]);
+      lane_top[j] = v > lane_top[j] ? v : lane_top[j];
+      lane_nans[j] += v != v;
+    }
+  }
+  float top = -INFINITY;
+  int nans = 0;
+  for (; i < n; ++i) {
+    const float v = L::load(x[i]);
+    top = v > top ? v : top;
+    nans += v != v;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    top = lane_top[j] > top ? lane_top[j] : top;
+    nans += lane_nans[j];
+  }
+  if (nans) {
+    for (i = 0; i < n; ++i)
+      if (L::load(x[i]) != L::load(x[i])) return i;
+  }
+  constexpr int64_t kChunk = 64;  // find the chunk that holds it with vector compares, then the index
+  for (i = 0; i + kChunk <= n; i += kChunk) {
+    int found = 0;
+#pragma omp simd reduction(+ : found)
+    for (int64_t j = i; j < i + kChunk; ++j) found += L::load(x[j]) == top;
+    if (found) break;
+  }
+  for (; i < n; ++i)
+    if (L::load(x[i]) == top) return i;
+  return 0;  // not reached: some value equals top
+}
+
+Tensor greedy_argmax(Tensor logits) {
+  STD_TORCH_CHECK(logits.is_cpu() && logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0,
+                  "greedy_argmax: expected contiguous 2-D logits on the CPU");
+  const int64_t rows = logits.size(0), width = logits.size(1);
+  Tensor out = torch::stable::new_empty(logits, {rows}, ScalarType::Long);
+  int64_t* index = out.mutable_data_ptr<int64_t>();
+  by_dtype(logits.scalar_type(), "greedy_argmax", [&](auto l) {
+    using L = decltype(l);
+    const auto* x = static_cast<const typename L::T*>(logits.const_data_ptr());
+    for_rows(rows, width, [&](int64_t r) { index[r] = argmax_row<L>(x + r * width, width); });
+  });
+  return out;
+}
+
 SIDP_LIBRARY_FRAGMENT(SIDP_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   m.def("cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("greedy_argmax(Tensor logits) -> Tensor");
 }
 
 SIDP_LIBRARY_IMPL(SIDP_NS, CPU, m) {
@@ -266,4 +326,5 @@ SIDP_LIBRARY_IMPL(SIDP_NS, CPU, m) {
   m.impl("silu_and_mul", TORCH_BOX(&silu_and_mul));
   m.impl("rotary_", TORCH_BOX(&rotary_));
   m.impl("cache_write_", TORCH_BOX(&cache_write_));
+  m.impl("greedy_argmax", TORCH_BOX(&greedy_argmax));
 }

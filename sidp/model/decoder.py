@@ -176,4 +176,5 @@ class Decoder:
         return rms_norm(h, self.norm, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head).float()
+        """In the compute dtype: greedy sampling reads them as they are, sampling widens its rows."""
+        return linear(hidden, self.lm_head)

@@ -55,6 +55,13 @@ def cache_write_(
         cache_write_reference_(k_cache, v_cache, slots, k, v)
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit (int64 [rows]), in the logits' own dtype."""
+    if logits.is_cpu:
+        return cpu_kernels.ops().greedy_argmax(logits)
+    return greedy_argmax_reference(logits)
+
+
 # --- the references ------------------------------------------------------------------------------------
 
 
@@ -83,3 +90,8 @@ def cache_write_reference_(
     kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def greedy_argmax_reference(logits: torch.Tensor) -> torch.Tensor:
+    # max(...).indices: the first maximal index, like argmax, and 2.7x faster on a CPU (64 x 49152 float32).
+    return logits.max(dim=-1).indices

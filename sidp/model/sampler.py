@@ -1,4 +1,5 @@
-"""Next-token choice from float32 logits: greedy rows in one argmax, sampled rows with their own generator.
+"""Next-token choice from logits in the model's dtype: greedy rows in one argmax, sampled rows in float32
+with their own generator.
 
 Each sampled sequence draws from its own torch.Generator (seeded from its request's seed), so the
 same seed gives the same tokens whatever else shares the batch.
@@ -8,17 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from sidp.model.fused import greedy_argmax
 from sidp.sampling_params import SamplingParams
 
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    # max(...).indices: the same first maximal index as argmax, 2.7x faster on CPU (64 x 49152 float32).
-    chosen = logits.max(dim=-1).indices.tolist()
+    chosen = greedy_argmax(logits).tolist()  # widening to float32 is exact, so the same index
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if not p.greedy:  # drawn on the CPU, whatever the device: a seed gives the same tokens on each
-            chosen[row] = _sample_row(logits[row].cpu(), p, gen)
+            chosen[row] = _sample_row(logits[row].float().cpu(), p, gen)
     return chosen
 
 
