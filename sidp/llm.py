@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -225,6 +226,12 @@ class LLM:
         if isinstance(self._backend, LLMEngine):
             return [self._backend.counters()]
         return [self._backend.counters[rank] for rank in sorted(self._backend.counters)]
+
+    def replica_pids(self) -> list[int]:
+        """The process of each replica: this one for a single replica, else the group's, by rank."""
+        if isinstance(self._backend, LLMEngine):
+            return [os.getpid()]
+        return [proc.pid for proc in self._backend.procs]
 
     def close(self) -> None:
         """Stop the replicas (if any); the LLM cannot generate afterwards. Also done when the LLM is

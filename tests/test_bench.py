@@ -113,6 +113,8 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     assert hf["output_tokens_per_s"] * hf["elapsed_s"] == pytest.approx(workload["output_tokens"])
     assert sidp["num_steps"] > 0 and sidp["kv_cache_tokens"] > 0
     assert "vs_peer" not in sidp and "avx512_bf16" in report["machine"]["cpu_flags"]  # no peer without --peer
+    assert sidp["memory_per_replica_by_replica"] == [64 * 2**20]
+    assert 0 < sidp["peak_pss_by_replica"][0] <= sidp["peak_rss_by_replica"][0]  # this very process
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Throughput: ") and lines[0].endswith(" output tokens/s")
     assert lines[1].startswith("transformers (batch size ")
@@ -132,6 +134,11 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
         assert r["output_tokens_per_s"] * r["elapsed_s"] == pytest.approx(report["workload"]["output_tokens"])
         assert len(r["kv_cache_tokens_by_replica"]) == 2 and r["kv_cache_tokens"] > 0
         assert r["counters"]["steps"] > 0
+        assert r["memory_per_replica_by_replica"] == [64 * 2**20] * 2
+        assert all(
+            0 < pss <= rss
+            for pss, rss in zip(r["peak_pss_by_replica"], r["peak_rss_by_replica"], strict=True)
+        )
     assert results["dp"]["counters"]["steps_was"] == results["dp"]["counters"]["steps_cas"] == 0
     assert results["was"]["counters"]["was_bytes_fetched"] > 0 and results["was"]["counters"]["cas_sent"] == 0
     assert results["cas"]["counters"]["cas_sent"] > 0 and results["cas"]["counters"]["was_bytes_fetched"] == 0
@@ -141,6 +148,7 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
     assert sum(row["samples"] for row in probes["by_step_size"]) == probes["samples"]
     text = capsys.readouterr().out
     assert "SiDP group of 2, pooling mlp" in text and "auto chose the faster mode in" in text
+    assert "peak PSS by replica" in text
     for label in results:
         assert f"{label}: Throughput: " in text
 

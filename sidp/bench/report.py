@@ -19,6 +19,7 @@ def print_side_by_side(
     args: argparse.Namespace, configs: list[str], results: list[dict], machine: dict
 ) -> None:
     print(f"\n{comparison_table(results, args.peer)}\n\n{machine_line(machine)}")
+    print(f"\n{memory_table([r for r in results if r['engine'] == 'sidp'])}")
     if len(configs) > 1:
         print(f"\nSiDP group of {args.dp}, pooling {args.pooled_parts}, budget {args.memory_per_replica}")
         print(modes_table([r for r in results if r["engine"] == "sidp"]))
@@ -74,6 +75,22 @@ def comparison_table(results: list[dict], peer: str | None = None) -> str:
             row += f" {_times(r['vs_peer']):>8}"
         rows.append(f"{row} {_times(r['vs_transformers']):>7}")
     return "\n".join(rows)
+
+
+def memory_table(results: list[dict]) -> str:
+    """Each sidp run's budget per replica beside the most its replica processes held (PSS, sampled)."""
+    head = f"{'config':<18} {'budget':>11} {'peak PSS by replica':>30} {'PSS / budget':>13}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        budgets, peaks = r["memory_per_replica_by_replica"], r["peak_pss_by_replica"]
+        worst = max((p / b for p, b in zip(peaks, budgets, strict=True) if p is not None), default=None)
+        held = ", ".join("-" if p is None else _mib(p) for p in peaks)
+        rows.append(f"{r['label']:<18} {_mib(max(budgets)):>11} {held:>30} {_times(worst):>13}")
+    return "\n".join(rows)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 def _times(ratio: float | None) -> str:

@@ -31,6 +31,7 @@ from sidp.bench.report import (
     print_side_by_side,
     workload_stats,
 )
+from sidp.bench.resident import PeakPss
 from sidp.bench.workload import (
     SHAPES,
     Request,
@@ -343,14 +344,15 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
         params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    if warmup:
-        logger.info("warming up with %d requests", len(warmup))
-        generate(warmup)
-    before = llm.replica_counters()
-    logger.info("timing %d requests", len(requests))
-    started = time.perf_counter()
-    outputs = generate(requests)
-    elapsed = time.perf_counter() - started
+    with PeakPss(llm.replica_pids()) as peaks:
+        if warmup:
+            logger.info("warming up with %d requests", len(warmup))
+            generate(warmup)
+        before = llm.replica_counters()
+        logger.info("timing %d requests", len(requests))
+        started = time.perf_counter()
+        outputs = generate(requests)
+        elapsed = time.perf_counter() - started
     for i, (r, o) in enumerate(zip(requests, outputs, strict=True)):
         got = len(o.outputs[0].token_ids)
         if got != r.output_len:
@@ -370,6 +372,9 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
         "max_model_len": llm.max_model_len,
         "kv_cache_tokens": min(plan.kv_tokens for plan in llm.plans),  # per replica, the tightest
         "kv_cache_tokens_by_replica": [plan.kv_tokens for plan in llm.plans],
+        "memory_per_replica_by_replica": [plan.budget for plan in llm.plans],
+        "peak_pss_by_replica": peaks.pss,  # sampled; see sidp/bench/resident.py
+        "peak_rss_by_replica": peaks.rss,
         "num_steps": counters["steps"],
         "num_preemptions": counters["preemptions"],
         "counters": counters,
