@@ -250,8 +250,6 @@ void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor
   });
 }
 
-}  // namespace
-
 // The first index of each row's largest value (of its first NaN, if it has one): what torch.max(dim=-1)
 // returns, over 2-D logits in their own dtype, so greedy sampling needs no float32 copy of them.
 template <typename L>
@@ -310,6 +308,8 @@ Tensor greedy_argmax(Tensor logits) {
   });
   return out;
 }
+
+}  // namespace
 
 SIDP_LIBRARY_FRAGMENT(SIDP_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
