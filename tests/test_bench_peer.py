@@ -75,6 +75,12 @@ def test_command_and_workload_reach_the_runner_as_sent(tmp_path):
         out,
     )
 
+    assert not args.profile
+    profiled = peer.peer_command(
+        "/venv/bin/python", "vllm", tmp_path / "model", workload, "float32", out, profile=True
+    )
+    assert profiled == [*command, "--profile"] and peer_vllm.parse_args(profiled[2:]).profile
+
     long = Request([3] * 2000, 100)
     peer.write_workload(workload, [*REQUESTS, long], WARMUP)
     timed, warmup = peer_vllm.read_workload(workload)
@@ -115,6 +121,19 @@ def test_the_runners_result_reads_back_with_sidps_rates(tmp_path):
     )
     # Both sides print vLLM's line, and for the same run it must read the same.
     assert throughput_line(result) == peer_vllm.throughput_line(runner_result())
+    assert "ops" not in result
+    ops = {"_C::onednn_mm": {"self_s": 1.5, "calls": 90}}
+    path.write_text(json.dumps(runner_result(ops=ops)))
+    assert peer.read_result(path, REQUESTS)["ops"] == ops  # a profiled run's op times come through
+
+
+def test_a_profiled_runner_restarts_only_when_its_engine_would_not_be_in_process(monkeypatch):
+    """The restart itself (exec with libgomp preloaded) runs in the vLLM venv, under
+    benchmarks/profile_bench.py --peer-python; here: that an already prepared runner goes on."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("LD_PRELOAD", "/venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1")
+    monkeypatch.setattr(peer_vllm.os, "execve", lambda *a: pytest.fail("restarted an in-process runner"))
+    peer_vllm.restart_in_process()
 
 
 def test_a_result_for_another_workload_or_none_is_an_error(tmp_path):
