@@ -4,6 +4,9 @@ Everything here is arithmetic on the model spec, known before a single weight is
 enters in two places: the compute dtype (float32 where the CPU cannot multiply bf16 natively), and the
 packed copy of a tied LM head (only where it can). The workspace is an upper estimate of the activations
 that the largest step keeps alive at once (one layer's worth, since layers run one after another).
+What a replica process holds beyond these rows (Python, torch and its libraries, the tokenizer) is not
+counted yet, so the process holds more than its budget: `sidp bench` reports each replica's peak PSS
+beside the budget (sidp/bench/resident.py; 1.11-1.20x at 540 MiB in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

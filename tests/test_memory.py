@@ -1,4 +1,6 @@
-"""The memory ledger is exact: the weights it counts are the bytes the decoder holds, KV is the rest."""
+"""The memory ledger counts what the decoder holds: its weight rows are the bytes of the tensors held, KV is
+the rest of the budget. (What the process holds beyond that, its runtime, is measured by `sidp bench`:
+sidp/bench/resident.py.)"""
 
 from __future__ import annotations
 
