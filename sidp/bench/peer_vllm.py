@@ -15,9 +15,12 @@ for the thread binding to use every core: the runner restarts itself with both s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +28,13 @@ MIN_MODEL_LEN = 2048  # what vLLM's CPU figures in docs/BENCHMARKS.md were measu
 
 
 def main() -> None:
+    # Stopping means SIGINT (sidp/bench/peer.py), even where this process was started with it ignored,
+    # as a shell does for a background job: on it, vLLM unlinks its shared memory as it shuts down.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     if args.profile:
         restart_in_process()
+    stop_with_parent(os.getppid())
     env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}  # as given, before vLLM adds its own
     import vllm  # here, not at the top: sidp imports the helpers below without vLLM
 
@@ -93,6 +100,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="the result, as JSON")
     parser.add_argument("--profile", action="store_true", help="time each op of the timed generate")
     return parser.parse_args(argv)
+
+
+def stop_with_parent(parent: int, every_s: float = 0.5, grace_s: float = 15.0) -> None:
+    """Once `parent`, the sidp that started this runner, has gone (killed, it cannot stop the runner), stop
+    the runner's process group as sidp would (sidp/bench/peer.py): SIGINT to all of it, on which vLLM's
+    processes shut down and unlink their shared memory, and SIGKILL to what is left after `grace_s`.
+    The runner leads its group (sidp starts it in a session of its own). Output goes to /dev/null from then
+    on: the pipe sidp read is closed."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(quiet, fd)
+        # Only a group of its own: started otherwise, the group would be someone else's too.
+        group = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
+        if group is None:
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        os.killpg(group, signal.SIGINT)
+        time.sleep(grace_s)
+        kill_group(group, spare=os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sidp-peer-lifeline", daemon=True).start()
+
+
+def kill_group(group: int, spare: int | None = None) -> None:
+    """SIGKILL every process of `group` (but `spare`), then unlink what they had mapped from /dev/shm:
+    vLLM's segments and semaphores, which a killed process cannot unlink and nobody else would."""
+    in_group = [pid for pid in _pids() if _group_of(pid) == group]
+    mapped = {path for pid in in_group for path in _shm_mapped(pid)}  # the spared one's too: it ends next
+    # multiprocessing's resource tracker is left to end by itself: once its clients are gone, it unlinks
+    # what they registered and did not unlink, segments none of them still had mapped among them.
+    members = [pid for pid in in_group if pid != spare and not _is_resource_tracker(pid)]
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in members) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for path in mapped:
+        with contextlib.suppress(FileNotFoundError):  # its owner unlinked it in time after all
+            os.unlink(path)
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, pgrp, ..."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _group_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields else None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"  # a zombie holds no memory any more
+
+
+def _shm_mapped(pid: int) -> set[str]:
+    """The /dev/shm entries `pid` has mapped or open."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    paths = [line.split(maxsplit=5)[-1] for line in lines if " /dev/shm/" in line]
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    # " (deleted)": unlinked already
+    return {path for path in paths if path.startswith("/dev/shm/") and not path.endswith(" (deleted)")}
 
 
 def restart_in_process() -> None:
