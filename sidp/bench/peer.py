@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-from sidp.bench.peer_vllm import kill_group
+from sidp.bench.peer_vllm import stop_group
 from sidp.bench.workload import Request, output_tokens, prompt_tokens, rates, throughput_line
 from sidp.errors import SidpError
 from sidp.signals import sigterm_interrupts
@@ -161,13 +159,5 @@ def _pairs(requests: list[Request]) -> list[list]:
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGINT to the peer's process group; SIGKILL to whatever of it is left after `grace_s`, and its
-    shared memory unlinked."""
-    deadline = time.monotonic() + grace_s
     with contextlib.suppress(ProcessLookupError):  # it and its helpers are gone already
-        os.killpg(proc.pid, signal.SIGINT)
-        while time.monotonic() < deadline:
-            proc.poll()  # reaps the peer once it has exited: a zombie still counts as in the group
-            os.killpg(proc.pid, 0)  # raises once no process of the group is left
-            time.sleep(0.1)
-        kill_group(proc.pid)
+        stop_group(proc.pid, grace_s, reap=proc.poll)

@@ -120,12 +120,24 @@ def stop_with_parent(parent: int, every_s: float = 0.5, grace_s: float = 15.0) -
         if group is None:
             os.kill(os.getpid(), signal.SIGINT)
             return
-        os.killpg(group, signal.SIGINT)
-        time.sleep(grace_s)
-        kill_group(group, spare=os.getpid())
+        stop_group(group, grace_s, spare=os.getpid())
         os._exit(1)
 
     threading.Thread(target=watch, name="sidp-peer-lifeline", daemon=True).start()
+
+
+def stop_group(group: int, grace_s: float, spare: int | None = None, reap=lambda: None) -> None:
+    """SIGINT to process group `group`, on which vLLM shuts down and unlinks its shared memory; after
+    `grace_s`, if any process of it but `spare` is still there, kill_group. `reap`: reap exited children
+    (a zombie still counts as in the group)."""
+    os.killpg(group, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        reap()
+        if not any(_alive(pid) for pid in _pids() if pid != spare and _group_of(pid) == group):
+            return
+        time.sleep(0.1)
+    kill_group(group, spare)
 
 
 def kill_group(group: int, spare: int | None = None) -> None:
