@@ -26,6 +26,7 @@ import torch
 
 from sidp import LLM, SamplingParams
 from sidp.bench import peer
+from sidp.bench.peer_vllm import op_times
 from sidp.bench.report import machine_info
 from sidp.bench.throughput import home_as_tilde
 from sidp.bench.workload import output_tokens, random_workload
@@ -125,11 +126,7 @@ def main() -> None:
         generate(requests)
         wall = time.perf_counter() - started
     llm.close()
-    ops = {
-        e.key: {"self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
-        for e in prof.key_averages()
-        if e.self_cpu_time_total > 0
-    }
+    ops = op_times(prof)
     report = {
         "command": " ".join(["python", *(home_as_tilde(a) for a in sys.argv)]),
         "dtype": args.dtype,
