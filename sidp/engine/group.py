@@ -61,14 +61,18 @@ class ReplicaGroup:
         ends = []
         for rank in range(size):
             mine, theirs = ctx.Pipe()
-            self.conns.append(mine)
             ends.append(theirs)
             args = (rank, os.getpid(), main_thread, config, spec, plans[rank], threads, theirs)
             args += (channels[rank],)
             # daemon: should the interpreter's own exit hook come before ours, it stops them too
             proc = ctx.Process(target=replica_main, name=f"sidp-replica-{rank}", args=args, daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            except BaseException:
+                mine.close()
+                raise
             self.procs.append(proc)
+            self.conns.append(mine)  # only beside a started process: shutting down pairs them
         self._watched = [*self.conns, *(proc.sentinel for proc in self.procs)]  # what _next waits on
         for end in ends:  # the replicas hold their ends now: a dead replica's pipe reads as closed
             end.close()
