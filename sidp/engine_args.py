@@ -23,6 +23,7 @@ from sidp.model.spec import ModelSpec
 from sidp.pool.modes import MODES, default_mode
 from sidp.pool.placement import POLICIES, Placement, parse_parts, pool_share
 from sidp.pool.transport import transport_for
+from sidp.runtime_memory import decoder_bytes, runtime_bytes
 
 DEVICES = ("cpu", "cuda")
 
@@ -72,6 +73,9 @@ class EngineArgs:
             mode,
             self.cache_slots,
             device,
+            self.max_model_len,
+            runtime_bytes(device),
+            decoder_bytes(str(self.model), device),
         )
         tightest = min(plans, key=lambda p: p.kv_tokens)
         config = EngineConfig(
@@ -171,13 +175,17 @@ def replica_ledgers(
     mode: str,
     cache_slots: int,
     device: str = "cpu",
+    max_model_len: int | None = None,
+    runtime: int = 0,
+    decoder: int = 0,
 ) -> tuple[list[MemoryPlan], MemoryPlan | None]:
     """(each of the `size` replicas' ledgers, plain DP's on the same budget or None where it does not
     fit); layout None: plain DP.
-    limits: (block_size, max_num_batched_tokens, max_num_seqs). Raises DoesNotFit where even SiDP
-    cannot hold the model."""
+    limits: (block_size, max_num_batched_tokens, max_num_seqs); max_model_len, runtime, decoder: as
+    plan_memory takes them. Raises DoesNotFit where even SiDP cannot hold the model."""
+    extra = {"device": device, "max_model_len": max_model_len, "runtime": runtime, "decoder": decoder}
     try:
-        plain = plan_memory(spec, dtype, budget, *limits, device=device)
+        plain = plan_memory(spec, dtype, budget, *limits, **extra)
     except SidpError:
         if layout is None:
             raise
@@ -185,7 +193,7 @@ def replica_ledgers(
     if layout is None:
         return [plain] * size, plain
     shares = [pool_share(layout, rank, parts, mode, cache_slots) for rank in range(layout.size)]
-    return [plan_memory(spec, dtype, budget, *limits, share=s, device=device) for s in shares], plain
+    return [plan_memory(spec, dtype, budget, *limits, share=s, **extra) for s in shares], plain
 
 
 def _max_model_len(requested: int | None, spec: ModelSpec, kv_tokens: int) -> int:

@@ -1,19 +1,19 @@
-"""The per-replica memory ledger: budget → weights + activation workspace → KV blocks.
+"""The per-replica memory ledger: budget → runtime + weights + workspace → KV blocks.
 
-Everything here is arithmetic on the model spec, known before a single weight is read. The machine
-enters in two places: the compute dtype (float32 where the CPU cannot multiply bf16 natively), and the
-packed copy of a tied LM head (only where it can). The workspace is an upper estimate of the activations
-that the largest step keeps alive at once (one layer's worth, since layers run one after another).
-What a replica process holds beyond these rows (Python, torch and its libraries, the tokenizer) is not
-counted yet, so the process holds more than its budget: `sidp bench` reports each replica's peak PSS
-beside the budget (sidp/bench/resident.py; 1.11-1.20x at 540 MiB in docs/BENCHMARKS.md).
+The ledger is a budget: its rows are upper estimates of what a replica process holds, so that the process
+stays within `memory_per_replica` (`sidp bench` measures each replica's peak PSS beside it). The runtime
+(Python, torch, the kernels) is measured once per install by a fresh process (sidp/runtime_memory.py);
+every other row is arithmetic on the model spec, known before a single weight is read. The machine enters
+in two more places: the compute dtype (float32 where the CPU cannot multiply bf16 natively), and the packed
+copy of a tied LM head (only where it can). The workspace counts the activations that the largest step
+keeps alive at once (one layer's worth, since layers run one after another).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -128,11 +128,27 @@ def pooled_weights(
 def workspace_bytes(
     spec: ModelSpec, dtype: torch.dtype, max_tokens: int, max_seqs: int, device: str = "cpu"
 ) -> int:
-    """Peak live activations of one layer for the largest step (in the compute dtype), float32 logits
-    for every sequence, and the matmul scratch where the CPU multiplies through float32."""
+    """Peak live activations of one layer for the largest step (in the compute dtype; the MLP holds its
+    input, gate/up, their product and the down projection's input at once: 4×ffn), float32 logits for
+    every sequence, and the matmul scratch where the CPU multiplies through float32."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    per_token = (5 * h + 3 * q + 3 * kv + 3 * ffn) * compute_dtype(dtype, device).itemsize + 2 * h * 4
+    per_token = (5 * h + 3 * q + 3 * kv + 4 * ffn) * compute_dtype(dtype, device).itemsize + 2 * h * 4
     return max_tokens * per_token + max_seqs * spec.vocab_size * 4 * 2 + scratch_bytes(dtype, device)
+
+
+def rotary_bytes(spec: ModelSpec, dtype: torch.dtype, positions: int, device: str = "cpu") -> int:
+    """The cos/sin table, one row of head_dim per position (sidp.model.rope)."""
+    return 2 * positions * spec.head_dim * compute_dtype(dtype, device).itemsize
+
+
+def prefix_gather_bytes(
+    spec: ModelSpec, dtype: torch.dtype, chunk: int, context: int, device: str = "cpu"
+) -> int:
+    """A prefill chunk over cached tokens gathers its context's K and V out of the blocks (widened to the
+    compute dtype where that differs) and masks [chunk, context] (sidp.model.attention)."""
+    widened = compute_dtype(dtype, device)
+    per_token = 2 * spec.kv_size * (dtype.itemsize + (widened.itemsize if widened != dtype else 0))
+    return context * per_token + chunk * context
 
 
 @dataclass(slots=True)
@@ -143,10 +159,15 @@ class MemoryPlan:
     block_size: int
     block_bytes: int
     num_blocks: int
+    overheads: dict[str, int] = field(default_factory=dict)  # runtime, rotary table, prefix gather
 
     @property
     def weight_total(self) -> int:
         return sum(self.weights.values())
+
+    @property
+    def overhead_total(self) -> int:
+        return sum(self.overheads.values())
 
     @property
     def packs_tied_head(self) -> bool:
@@ -161,14 +182,15 @@ class MemoryPlan:
         return self.num_blocks * self.block_size
 
     def rows(self) -> dict[str, int]:
-        rows = {
-            part if part.startswith("pool") else f"weights: {part}": n
-            for part, n in self.weights.items()
-            if n
-        }
+        rows = {name: n for name, n in self.overheads.items() if n}
+        for part, n in self.weights.items():
+            if n:
+                rows[part if part.startswith("pool") else f"weights: {part}"] = n
         rows["activation workspace"] = self.workspace
         rows["KV cache"] = self.kv_bytes
-        rows["unused (less than a block)"] = self.budget - self.weight_total - self.workspace - self.kv_bytes
+        rows["unused (less than a block)"] = (
+            self.budget - self.overhead_total - self.weight_total - self.workspace - self.kv_bytes
+        )
         rows["budget"] = self.budget
         return rows
 
@@ -211,6 +233,9 @@ def tied_head_copy_bytes(spec: ModelSpec, dtype: torch.dtype, share: PoolShare |
     return spec.vocab_size * spec.hidden_size * dtype.itemsize
 
 
+RUNTIME = "runtime (Python, torch, kernels; measured)"
+
+
 def plan_memory(
     spec: ModelSpec,
     dtype: torch.dtype,
@@ -220,14 +245,30 @@ def plan_memory(
     max_num_seqs: int,
     share: PoolShare | None = None,
     device: str = "cpu",
+    max_model_len: int | None = None,
+    runtime: int = 0,
+    decoder: int = 0,
 ) -> MemoryPlan:
     """share: what this replica holds of a SiDP pool (None: the whole model, plain DP). device: where
-    the replica computes ("cuda" when the planner sizes a GPU)."""
+    the replica computes ("cuda" when the planner sizes a GPU). max_model_len: the longest sequence
+    (None: the model's limit), which sizes the rotary table and a prefill's gathered context. runtime,
+    decoder: what the process holds before its weights, and adds on its first stop string
+    (sidp.runtime_memory; 0 where the budget is a GPU's)."""
     weights = pooled_weights(spec, dtype, share, device) if share else weight_bytes(spec, dtype.itemsize)
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs, device)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
-    held = sum(weights.values())
+    longest = max_model_len or spec.max_position_embeddings
+    overheads = {
+        RUNTIME: runtime,
+        "stop-string decoder (on first use)": decoder,
+        "rotary table": rotary_bytes(spec, dtype, longest, device),
+    }
+    held = sum(weights.values()) + sum(overheads.values())
     free = budget - held - workspace
+    context = min(longest, max(free, 0) // block_bytes * block_size)  # no prefill sees more than the KV holds
+    gather = prefix_gather_bytes(spec, dtype, min(max_num_batched_tokens, longest), context, device)
+    overheads["prefix attention (gathered K/V, mask)"] = gather
+    held, free = held + gather, free - gather
     copy = tied_head_copy_bytes(spec, dtype, share, device)
     if copy and copy <= (free - copy) * TIED_HEAD_COPY_MAX_SHARE:
         weights[TIED_HEAD_COPY] = copy
@@ -236,7 +277,8 @@ def plan_memory(
         need = held + workspace + block_bytes
         raise DoesNotFit(
             f"memory_per_replica={format_bytes(budget)} cannot hold this model: weights take "
-            f"{format_bytes(held)} and the step workspace {format_bytes(workspace)}; "
+            f"{format_bytes(sum(weights.values()))}, the runtime and fixed buffers "
+            f"{format_bytes(sum(overheads.values()))} and the step workspace {format_bytes(workspace)}; "
             f"give at least {need:,} bytes ({format_bytes(need)}), plus room for the KV cache."
         )
-    return MemoryPlan(budget, weights, workspace, block_size, block_bytes, free // block_bytes)
+    return MemoryPlan(budget, weights, workspace, block_size, block_bytes, free // block_bytes, overheads)

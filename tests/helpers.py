@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sidp.memory import PoolShare, pooled_weights, weight_bytes, workspace_bytes
+from sidp.errors import DoesNotFit
+from sidp.memory import PoolShare, parse_bytes, plan_memory
 from sidp.model.checkpoint import read_config
 from sidp.model.spec import ModelSpec
+from sidp.runtime_memory import decoder_bytes, runtime_bytes
 
 
 @functools.cache
@@ -43,15 +45,38 @@ def budget_for_blocks(
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
     shares: list[PoolShare] | None = None,
+    max_model_len: int | None = None,
 ) -> int:
-    """The memory_per_replica that leaves exactly num_blocks KV blocks after weights and workspace
-    (in the tightest replica of a SiDP group, given each replica's share of the pool)."""
+    """The smallest memory_per_replica that leaves num_blocks KV blocks in the ledger (in the tightest
+    replica of a SiDP group, given each replica's share of the pool); for 0, the largest that leaves none."""
     spec = ModelSpec.from_hf_config(read_config(path))
-    fixed = sum(weight_bytes(spec, dtype.itemsize).values())
-    if shares:
-        fixed = max(sum(pooled_weights(spec, dtype, share).values()) for share in shares)
-    fixed += workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs)
-    return fixed + num_blocks * spec.kv_bytes_per_token(dtype.itemsize) * block_size
+    limits = (block_size, max_num_batched_tokens, max_num_seqs)
+    extra = {
+        "max_model_len": max_model_len,
+        "runtime": runtime_bytes("cpu"),
+        "decoder": decoder_bytes(str(path), "cpu"),
+    }
+
+    def blocks(budget: int) -> int:
+        try:
+            return min(
+                plan_memory(spec, dtype, budget, *limits, share=s, **extra).num_blocks
+                for s in shares or [None]
+            )
+        except DoesNotFit:
+            return 0
+
+    low, high = 0, 2**40  # blocks(low) < wanted <= blocks(high)
+    wanted = max(num_blocks, 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if blocks(middle) >= wanted else (middle, high)
+    return high if num_blocks else high - 1
+
+
+def over_runtime(size: str) -> str:
+    """A memory_per_replica of `size` beyond what a replica's runtime takes (sidp.runtime_memory)."""
+    return str(runtime_bytes("cpu") + parse_bytes(size))
 
 
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 256) -> list[list[int]]:

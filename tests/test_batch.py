@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from helpers import new_shm_entries, shm_entries
+from helpers import new_shm_entries, over_runtime, shm_entries
 
 from sidp.batch.formats import content_id
 from sidp.batch.output import OutputFile
@@ -26,7 +26,17 @@ def model(tiny_model):
 
 
 def engine_args(model: str) -> list[str]:
-    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet", "--dp", "1"]
+    return [
+        "--model",
+        model,
+        "--dtype",
+        "float32",
+        "--memory-per-replica",
+        over_runtime("64MiB"),
+        "--quiet",
+        "--dp",
+        "1",
+    ]
 
 
 def openai_line(custom_id: str, chat: bool = True, **body) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import budget_for_blocks, hf_greedy
+from helpers import budget_for_blocks, hf_greedy, over_runtime
 
 from sidp.bench import hf_baseline, throughput
 from sidp.bench.workload import Request, random_workload
@@ -95,7 +95,7 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
             "--hf-batch-sizes",
             "2,4",
             "--memory-per-replica",
-            "64MiB",
+            over_runtime("64MiB"),
             "--warmup",
             "1",
             "--out",
@@ -113,7 +113,7 @@ def test_bench_end_to_end_writes_both_engines(tiny_model, tmp_path, capsys):
     assert hf["output_tokens_per_s"] * hf["elapsed_s"] == pytest.approx(workload["output_tokens"])
     assert sidp["num_steps"] > 0 and sidp["kv_cache_tokens"] > 0
     assert "vs_peer" not in sidp and "avx512_bf16" in report["machine"]["cpu_flags"]  # no peer without --peer
-    assert sidp["memory_per_replica_by_replica"] == [64 * 2**20]
+    assert sidp["memory_per_replica_by_replica"] == [int(over_runtime("64MiB"))]
     assert 0 < sidp["peak_pss_by_replica"][0] <= sidp["peak_rss_by_replica"][0]  # this very process
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Throughput: ") and lines[0].endswith(" output tokens/s")
@@ -124,7 +124,16 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
     out = tmp_path / "bench.json"
     args = bench_args(
         ["--model", str(tiny_model("qwen2", layers=4)), "--dtype", "float32", "--num-requests", "6"]
-        + ["--input-len", "4:40", "--output-len", "8:16", "--memory-per-replica", "64MiB", "--warmup", "1"]
+        + [
+            "--input-len",
+            "4:40",
+            "--output-len",
+            "8:16",
+            "--memory-per-replica",
+            over_runtime("64MiB"),
+            "--warmup",
+            "1",
+        ]
         + ["--dp", "2", "--baseline", "none", "--probe-every", "2", "--out", str(out)]
     )
     report = throughput.run(args)
@@ -134,7 +143,7 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
         assert r["output_tokens_per_s"] * r["elapsed_s"] == pytest.approx(report["workload"]["output_tokens"])
         assert len(r["kv_cache_tokens_by_replica"]) == 2 and r["kv_cache_tokens"] > 0
         assert r["counters"]["steps"] > 0
-        assert r["memory_per_replica_by_replica"] == [64 * 2**20] * 2
+        assert r["memory_per_replica_by_replica"] == [int(over_runtime("64MiB"))] * 2
         assert all(
             0 < pss <= rss
             for pss, rss in zip(r["peak_pss_by_replica"], r["peak_rss_by_replica"], strict=True)
@@ -156,7 +165,16 @@ def test_bench_runs_dp_and_every_sidp_mode_side_by_side(tiny_model, tmp_path, ca
 def test_rounds_alternate_the_order_and_average(tiny_model, tmp_path, capsys):
     args = bench_args(
         ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "3", "--warmup", "0"]
-        + ["--input-len", "4:8", "--output-len", "4", "--memory-per-replica", "64MiB", "--dp", "2"]
+        + [
+            "--input-len",
+            "4:8",
+            "--output-len",
+            "4",
+            "--memory-per-replica",
+            over_runtime("64MiB"),
+            "--dp",
+            "2",
+        ]
         + ["--configs", "dp,map", "--rounds", "2", "--baseline", "none", "--out", str(tmp_path / "b.json")]
     )
     report = throughput.run(args)
@@ -167,9 +185,42 @@ def test_rounds_alternate_the_order_and_average(tiny_model, tmp_path, capsys):
         assert r["output_tokens_per_s"] == pytest.approx(sum(r["rounds_output_tokens_per_s"]) / 2)
 
 
+def test_the_peer_takes_its_turn_in_the_rounds(tiny_model, monkeypatch):
+    """vLLM is not installed where the tests run: a stand-in for its run shows when the rounds call it."""
+    model = tiny_model("llama")
+    args = bench_args(
+        ["--model", str(model), "--dtype", "float32", "--memory-per-replica", over_runtime("64MiB")]
+        + ["--peer", "vllm", "--rounds", "3", "--warmup", "0", "--baseline", "none"]
+    )
+    requests = random_workload(3, (4, 8), (4, 4), vocab_size=100, seed=0, avoid_ids=SPECIAL)
+    calls = []
+
+    def peer_run() -> dict:
+        calls.append("vllm")
+        rates = {"elapsed_s": 1.0, "requests_per_s": 3.0, "total_tokens_per_s": 30.0}
+        return {"engine": "vllm", "label": "vllm", **rates, "output_tokens_per_s": float(len(calls))}
+
+    real_run_sidp = throughput.run_sidp
+    monkeypatch.setattr(throughput, "run_sidp", lambda *a: calls.append("sidp") or real_run_sidp(*a))
+    peer, sidp = throughput.run_configs(args, ["sidp"], requests, [], run_peer=peer_run)
+    assert calls == ["vllm", "sidp", "sidp", "vllm", "vllm", "sidp"]  # A B, B A, A B
+    assert peer["rounds_output_tokens_per_s"] == [1.0, 4.0, 5.0]
+    assert peer["output_tokens_per_s"] == pytest.approx(10 / 3)
+    assert sidp["engine"] == "sidp" and len(sidp["rounds_output_tokens_per_s"]) == 3
+
+
 def test_bench_fixed_shape_and_jsonl_workloads_are_named_in_the_report(tiny_model, tmp_path):
     model = str(tiny_model("llama"))
-    common = ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--warmup", "1"]
+    common = [
+        "--model",
+        model,
+        "--dtype",
+        "float32",
+        "--memory-per-replica",
+        over_runtime("64MiB"),
+        "--warmup",
+        "1",
+    ]
     common += ["--baseline", "none", "--num-requests", "3"]
     code = throughput.run(
         bench_args([*common, "--workload", "code", "--scale", "0.01", "--out", str(tmp_path / "c.json")])
@@ -199,6 +250,7 @@ def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_mo
     # Exactly what plain DP needs before its first KV block: dp cannot start, while map, holding half the
     # MLP weights, can. Then a roomy budget where both start.
     tight = budget_for_blocks(model, 0)
+    roomy = over_runtime("64MiB")
     out = tmp_path / "sweep.json"
     args = bench_args(
         ["--model", str(model), "--dtype", "float32", "--num-requests", "3", "--warmup", "0"]
@@ -214,7 +266,7 @@ def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_mo
             "--baseline",
             "none",
         ]
-        + ["--sweep", "memory", "--budgets", f"64MiB,{tight}", "--out", str(out)]
+        + ["--sweep", "memory", "--budgets", f"{roomy},{tight}", "--out", str(out)]
     )
     report = throughput.run(args)
     assert json.loads(out.read_text()) == report
@@ -222,10 +274,10 @@ def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_mo
     assert got == [
         (str(tight), "dp", False),
         (str(tight), "map", True),
-        ("64MiB", "dp", True),
-        ("64MiB", "map", True),
+        (roomy, "dp", True),
+        (roomy, "map", True),
     ]
-    assert report["sweep"]["budgets"] == [tight, 64 * 2**20]
+    assert report["sweep"]["budgets"] == [tight, int(roomy)]
     misfit, tight_map, roomy_dp, roomy_map = report["results"]
     assert "cannot hold this model" in misfit["error"]
     assert tight_map["memory_per_replica"] == tight and tight_map["kv_cache_tokens"] > 0
@@ -238,11 +290,11 @@ def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_mo
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     text = capsys.readouterr().out
     assert f"{tight} dp: does not fit: memory_per_replica=" in text
-    assert f"{tight} map: Throughput: " in text and "64MiB dp: Throughput: " in text
+    assert f"{tight} map: Throughput: " in text and f"{roomy} dp: Throughput: " in text
     table = text[text.index("memory sweep: 2 replica(s), pooling mlp, workload random") :].splitlines()
     rows = [line.split() for line in table[3:7]]  # under the title, the head and its rule
     assert rows[0] == [str(tight), "dp", "does", "not", "fit"]
-    assert [row[:2] for row in rows[1:]] == [[str(tight), "map"], ["64MiB", "dp"], ["64MiB", "map"]]
+    assert [row[:2] for row in rows[1:]] == [[str(tight), "map"], [roomy, "dp"], [roomy, "map"]]
     assert rows[3][3] == f"{roomy_map['kv_cache_tokens'] / roomy_dp['kv_cache_tokens']:.2f}x"  # KV vs DP
 
 
@@ -267,7 +319,16 @@ def test_memory_sweep_where_nothing_fits_says_so(tiny_model, tmp_path):
 def test_memory_sweep_stops_on_an_error_that_is_not_the_budgets(tiny_model, tmp_path):
     args = bench_args(
         ["--model", str(tiny_model("llama")), "--dtype", "float32", "--dp", "2", "--configs", "dp,map"]
-        + ["--baseline", "none", "--sweep", "memory", "--budgets", "64MiB", "--cache-slots", "0"]
+        + [
+            "--baseline",
+            "none",
+            "--sweep",
+            "memory",
+            "--budgets",
+            over_runtime("64MiB"),
+            "--cache-slots",
+            "0",
+        ]
         + ["--out", str(tmp_path / "s.json")]
     )
     with pytest.raises(SidpError) as error:

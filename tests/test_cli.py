@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import over_runtime
 from transformers import AutoModelForCausalLM
 
 from sidp.batch.formats import content_id
@@ -20,7 +21,17 @@ def model(tiny_model):
 
 
 def engine_args(model: str) -> list[str]:
-    return ["--model", model, "--dtype", "float32", "--memory-per-replica", "64MiB", "--quiet", "--dp", "1"]
+    return [
+        "--model",
+        model,
+        "--dtype",
+        "float32",
+        "--memory-per-replica",
+        over_runtime("64MiB"),
+        "--quiet",
+        "--dp",
+        "1",
+    ]
 
 
 def test_generate_prompts(model, capsys):

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import budget_for_blocks, hf_greedy, new_shm_entries, random_prompts, shm_entries
+from helpers import budget_for_blocks, hf_greedy, new_shm_entries, over_runtime, random_prompts, shm_entries
 
 from sidp import LLM, SamplingParams, SidpError
 from sidp.model.checkpoint import read_config
@@ -29,7 +29,9 @@ def group(path, size, sharing, mode, blocks=6, parts="mlp", placement="round_rob
     if sharing == "sidp":
         layout = Placement.build(read_config(path)["num_hidden_layers"], size, placement)
         shares = [pool_share(layout, rank, parse_parts(parts), mode, 2) for rank in range(size)]
-    budget = budget_for_blocks(path, blocks, max_num_batched_tokens=32, max_num_seqs=3, shares=shares)
+    budget = budget_for_blocks(
+        path, blocks, max_num_batched_tokens=32, max_num_seqs=3, shares=shares, max_model_len=blocks * 16
+    )
     return LLM(
         path,
         dtype="float32",
@@ -102,7 +104,7 @@ def test_killed_replica_raises_stops_the_group_and_leaves_no_segment(tiny_model,
     llm = LLM(
         tiny_model("llama"),
         dtype="float32",
-        memory_per_replica="64MiB",
+        memory_per_replica=over_runtime("64MiB"),
         data_parallel_size=2,
         max_num_seqs=2,
         weight_sharing=sharing,
@@ -153,7 +155,7 @@ def test_default_mode_reads_peers_in_place_where_the_transport_maps_them(tiny_mo
     llm = LLM(
         tiny_model("llama"),
         dtype="float32",
-        memory_per_replica="64MiB",
+        memory_per_replica=over_runtime("64MiB"),
         data_parallel_size=2,
         weight_sharing="sidp",
     )

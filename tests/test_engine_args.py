@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import over_runtime
 
 from sidp import LLM, SidpError
 from sidp.cli import build_parser
@@ -34,7 +35,7 @@ def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model)
         model=path,
         dtype="float32",
         device="cpu",
-        memory_per_replica="64MiB",
+        memory_per_replica=over_runtime("64MiB"),
         data_parallel_size=3,
         weight_sharing="sidp",
         sidp_mode="map",
@@ -43,7 +44,7 @@ def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model)
     plan = args.resolve(spec, config, (2,))
     assert plan.size == 3 and plan.pooled and plan.config.device == "cpu"
     assert plan.config.sidp_mode == "map" and plan.config.pooled_parts == {"mlp", "attn"}
-    assert [p.budget for p in plan.plans] == [64 * 2**20] * 3
+    assert [p.budget for p in plan.plans] == [int(over_runtime("64MiB"))] * 3
     assert all(p.kv_tokens > plan.plain.kv_tokens for p in plan.plans)  # SiDP holds more KV than DP
     assert plan.config.max_model_len == min(spec.max_position_embeddings, plan.tightest.kv_tokens)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import budget_for_blocks, over_runtime
 
 from sidp import LLM, SamplingParams, SidpError
 from sidp.memory import parse_bytes
@@ -10,7 +11,9 @@ from sidp.memory import parse_bytes
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    return LLM(tiny_model("qwen2"), dtype="float32", memory_per_replica="64MiB", max_model_len=64)
+    return LLM(
+        tiny_model("qwen2"), dtype="float32", memory_per_replica=over_runtime("64MiB"), max_model_len=64
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,16 +59,19 @@ def test_budget_too_small_names_the_bytes(tiny_model):
 
 def test_max_model_len_beyond_kv_or_model(tiny_model):
     with pytest.raises(SidpError, match="more than the KV cache holds"):
-        LLM(tiny_model("llama"), dtype="float32", memory_per_replica="10MiB", max_model_len=1024)
+        budget = budget_for_blocks(tiny_model("llama"), 10, max_model_len=1024)  # 160 tokens
+        LLM(tiny_model("llama"), dtype="float32", memory_per_replica=budget, max_model_len=1024)
     with pytest.raises(SidpError, match="max_position_embeddings"):
-        LLM(tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", max_model_len=4096)
+        LLM(
+            tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("64MiB"), max_model_len=4096
+        )
 
 
 def test_missing_model_and_bad_dtype(tiny_model, tmp_path):
     with pytest.raises(SidpError):
         LLM(tmp_path / "nowhere")
     with pytest.raises(SidpError, match="dtype"):
-        LLM(tiny_model("llama"), dtype="int8", memory_per_replica="64MiB")
+        LLM(tiny_model("llama"), dtype="int8", memory_per_replica=over_runtime("64MiB"))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import budget_for_blocks, hf_greedy, random_prompts
+from helpers import budget_for_blocks, hf_greedy, over_runtime, random_prompts
 
 from sidp import LLM, SamplingParams
 
@@ -21,7 +21,7 @@ def generate_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
 def test_mixed_batch_equals_transformers(tiny_model, family, tied):
     path = tiny_model(family, tied)
     prompts = random_prompts(LENGTHS)
-    llm = LLM(path, dtype="float32", memory_per_replica="64MiB")
+    llm = LLM(path, dtype="float32", memory_per_replica=over_runtime("64MiB"))
     assert generate_ids(llm, prompts) == hf_greedy(path, prompts, 12)
 
 
@@ -30,7 +30,7 @@ def test_chunked_prefill_equals_transformers(tiny_model, family):
     path = tiny_model(family)
     prompts = random_prompts(LENGTHS)
     # A 24-token step budget splits the 100- and 40-token prompts into chunks across several steps.
-    llm = LLM(path, dtype="float32", memory_per_replica="64MiB", max_num_batched_tokens=24)
+    llm = LLM(path, dtype="float32", memory_per_replica=over_runtime("64MiB"), max_num_batched_tokens=24)
     assert generate_ids(llm, prompts) == hf_greedy(path, prompts, 12)
 
 
@@ -40,7 +40,7 @@ def test_preemption_equals_transformers(tiny_model, family, prefix_caching):
     path = tiny_model(family)
     prompts = random_prompts(LENGTHS)
     # 10 blocks of 16 tokens cannot hold all six sequences (they need 15 blocks at their longest).
-    budget = budget_for_blocks(path, 10, max_num_batched_tokens=64)
+    budget = budget_for_blocks(path, 10, max_num_batched_tokens=64, max_model_len=128)
     llm = LLM(
         path,
         dtype="float32",
@@ -61,7 +61,7 @@ def test_prefix_caching_reuses_blocks_exactly(tiny_model, family):
     tails = random_prompts([3, 20, 1, 9], seed=8)
     prompts = [shared + t for t in tails] + [shared + tails[1]]  # the last repeats a whole prompt
     want = hf_greedy(path, prompts, 12)
-    llm = LLM(path, dtype="float32", memory_per_replica="64MiB", max_num_batched_tokens=32)
+    llm = LLM(path, dtype="float32", memory_per_replica=over_runtime("64MiB"), max_num_batched_tokens=32)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == want
     assert max(o.num_cached_tokens for o in outputs) >= 48
@@ -73,6 +73,6 @@ def test_prefix_caching_reuses_blocks_exactly(tiny_model, family):
 def test_prefix_caching_off_caches_nothing(tiny_model):
     path = tiny_model("llama")
     prompts = random_prompts([40, 40], seed=3) * 2
-    llm = LLM(path, dtype="float32", memory_per_replica="64MiB", enable_prefix_caching=False)
+    llm = LLM(path, dtype="float32", memory_per_replica=over_runtime("64MiB"), enable_prefix_caching=False)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all(o.num_cached_tokens == 0 for o in outputs)

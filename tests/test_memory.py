@@ -1,14 +1,15 @@
-"""The memory ledger counts what the decoder holds: its weight rows are the bytes of the tensors held, KV is
-the rest of the budget. (What the process holds beyond that, its runtime, is measured by `sidp bench`:
-sidp/bench/resident.py.)"""
+"""The memory ledger counts what a replica holds: its weight rows are the bytes of the tensors held, its
+runtime and stop-string decoder are measured, KV is the rest of the budget. (What the whole process holds
+is measured by `sidp bench`: sidp/bench/resident.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import over_runtime
 
-from sidp import LLM, SamplingParams, memory
-from sidp.model.checkpoint import read_config
+from sidp import LLM, SamplingParams, memory, runtime_memory
+from sidp.model.checkpoint import load_decoder, load_tokenizer, read_config
 from sidp.model.linear import native_matmul
 from sidp.model.spec import ModelSpec
 
@@ -24,17 +25,23 @@ def held_weight_bytes(model) -> int:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("family", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_ledger_counts_the_weights_held_and_gives_the_rest_to_kv(tiny_model, family, tied, dtype):
-    llm = LLM(tiny_model(family, tied), dtype=dtype, memory_per_replica="32MiB")
+    llm = LLM(tiny_model(family, tied), dtype=dtype, memory_per_replica=over_runtime("32MiB"))
     plan, runner = llm.engine.plan, llm.engine.runner
     assert plan.weight_total == held_weight_bytes(runner.model)
     kv_held = sum(c.k.nbytes + c.v.nbytes for c in runner.kv_caches)
     assert kv_held == plan.kv_bytes
-    assert 0 <= plan.budget - plan.weight_total - plan.workspace - plan.kv_bytes < plan.block_bytes
+    assert (
+        0
+        <= plan.budget - plan.overhead_total - plan.weight_total - plan.workspace - plan.kv_bytes
+        < plan.block_bytes
+    )
     assert plan.kv_tokens == plan.num_blocks * 16
 
 
 def test_start_up_prints_vllm_lines(tiny_model, capfd):
-    llm = LLM(tiny_model("llama"), dtype="float32", memory_per_replica="32MiB", max_model_len=512)
+    llm = LLM(
+        tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("32MiB"), max_model_len=512
+    )
     text = capfd.readouterr().err
     assert f"KV cache size: {llm.engine.plan.kv_tokens:,} tokens" in text
     assert f"Maximum concurrency for 512 tokens per request: {llm.engine.plan.kv_tokens / 512:.2f}x" in text
@@ -51,8 +58,8 @@ def test_a_tied_head_gets_its_packed_copy_only_where_it_is_cheap(tiny_model, mon
 
     roomy = plan(64 * 2**20)
     assert roomy.packs_tied_head and roomy.weights[memory.TIED_HEAD_COPY] == copy
-    assert roomy.kv_bytes <= roomy.budget - roomy.weight_total - roomy.workspace
-    tight = plan(plan(64 * 2**20).weight_total - copy + roomy.workspace + 4 * copy)
+    assert roomy.kv_bytes <= roomy.budget - roomy.overhead_total - roomy.weight_total - roomy.workspace
+    tight = plan(roomy.weight_total - copy + roomy.overhead_total + roomy.workspace + 4 * copy)
     assert not tight.packs_tied_head and memory.TIED_HEAD_COPY not in tight.weights
     assert not plan(64 * 2**20, dtype=torch.float32).packs_tied_head
     assert not plan(64 * 2**20, device="cuda").packs_tied_head
@@ -64,7 +71,7 @@ def test_a_tied_head_gets_its_packed_copy_only_where_it_is_cheap(tiny_model, mon
 
 @pytest.mark.skipif(not native_matmul(torch.bfloat16), reason="the copy is made only where bf16 is native")
 def test_a_packed_tied_head_samples_what_the_plain_one_does(tiny_model):
-    llm = LLM(tiny_model("qwen2", True), dtype="bfloat16", memory_per_replica="64MiB")
+    llm = LLM(tiny_model("qwen2", True), dtype="bfloat16", memory_per_replica=over_runtime("64MiB"))
     model = llm.engine.runner.model
     assert llm.engine.plan.packs_tied_head and model.lm_head.is_mkldnn
     prompts = [{"prompt_token_ids": [5, 9, 14, 3]}, {"prompt_token_ids": [7, 7, 2]}]
@@ -77,3 +84,29 @@ def test_a_packed_tied_head_samples_what_the_plain_one_does(tiny_model):
     model.lm_head = model.embed
     assert greedy() == packed
     llm.close()
+
+
+def test_what_a_replica_holds_beyond_the_arithmetic_is_measured_once_and_counted(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The runtime and the stop-string decoder: each measured by a fresh process, then read from the cache."""
+    llm = LLM(tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("32MiB"))
+    rows = llm.engine.plan.overheads
+    assert rows[memory.RUNTIME] == runtime_memory.runtime_bytes("cpu") > 100 * 2**20  # torch alone is more
+    assert 0 < rows["stop-string decoder (on first use)"] < 64 * 2**20
+    monkeypatch.setattr(runtime_memory, "_cache_folder", lambda: tmp_path)
+    measured = runtime_memory._cached("runtime", [])  # an empty cache: a fresh process measures
+    assert 100 * 2**20 < measured < 2**30
+    cached = tmp_path / "runtime.json"
+    cached.write_text('{"rss_bytes": 12345}')
+    assert runtime_memory._cached("runtime", []) == 12345  # read back, not measured again
+
+
+def test_the_stop_string_decoder_decodes_as_the_tokenizer_does(tiny_model):
+    path = tiny_model("qwen3")
+    tokenizer = load_tokenizer(path)
+    decode = load_decoder(path)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, len(tokenizer), (8,), generator=g).tolist()  # special tokens among them
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)

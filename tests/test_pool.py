@@ -77,8 +77,10 @@ def test_kv_gained_equals_bytes_saved_minus_pool_buffers(size, slots, parts, mod
         cas_bytes = cas_buffer_bytes(SMOLLM2, torch.bfloat16, size - 1) if mode in ("cas", "auto") else 0
         assert sidp.weights["pool: WaS cache slots"] == slot_bytes
         assert sidp.weights["pool: CaS buffers"] == cas_bytes
-        free_dp = dp.budget - dp.weight_total - dp.workspace  # what KV blocks are cut from
-        free_sidp = sidp.budget - sidp.weight_total - sidp.workspace
+        free_dp = (
+            dp.budget - dp.overhead_total - dp.weight_total - dp.workspace
+        )  # what KV blocks are cut from
+        free_sidp = sidp.budget - sidp.overhead_total - sidp.weight_total - sidp.workspace
         assert free_sidp == free_dp + not_held - slot_bytes - cas_bytes
 
 

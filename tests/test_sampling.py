@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from helpers import random_prompts
+from helpers import over_runtime, random_prompts
 
 from sidp import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    return LLM(tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", max_num_batched_tokens=64)
+    return LLM(
+        tiny_model("llama"),
+        dtype="float32",
+        memory_per_replica=over_runtime("64MiB"),
+        max_num_batched_tokens=64,
+    )
 
 
 def ids(outputs):
@@ -100,7 +105,9 @@ def test_eos_stops_unless_ignored(llm):
 
 
 def test_length_limits(tiny_model):
-    llm = LLM(tiny_model("llama"), dtype="float32", memory_per_replica="64MiB", max_model_len=40)
+    llm = LLM(
+        tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("64MiB"), max_model_len=40
+    )
     prompt = random_prompts([30], seed=2)[0]
     out = llm.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False

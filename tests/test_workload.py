@@ -6,6 +6,7 @@ import json
 from importlib import resources
 
 import pytest
+from helpers import over_runtime
 
 from sidp.bench.workload import (
     SHAPES,
@@ -100,7 +101,7 @@ def test_jsonl_tokenizes_like_generate_and_chat(tiny_model, tmp_path):
     model = tiny_model("llama")
     reqs = jsonl_workload(path, load_tokenizer(model), (4, 4), seed=0)
     assert [r.output_len for r in reqs] == [3, 4]  # the line's max_tokens, else --output-len
-    llm = LLM(model=model, dtype="float32", memory_per_replica="64MiB")
+    llm = LLM(model=model, dtype="float32", memory_per_replica=over_runtime("64MiB"))
     try:
         one = SamplingParams(temperature=0, max_tokens=1)
         [plain] = llm.generate("plain text prompt", one, use_tqdm=False)

@@ -36,6 +36,11 @@ def pss_bytes(pid: int) -> int | None:
     return None if kib is None else kib * 1024
 
 
+def rss_bytes(pid: int) -> int | None:
+    kib = _status_kib(Path(f"/proc/{pid}/status"), "VmRSS")
+    return None if kib is None else kib * 1024
+
+
 def peak_rss_bytes(pid: int) -> int | None:
     kib = _status_kib(Path(f"/proc/{pid}/status"), "VmHWM")
     return None if kib is None else kib * 1024

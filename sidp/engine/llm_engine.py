@@ -14,7 +14,7 @@ from sidp.engine.model_runner import ModelRunner
 from sidp.engine.scheduler import ScheduledStep, Scheduler
 from sidp.engine.sequence import Sequence
 from sidp.memory import MemoryPlan
-from sidp.model.checkpoint import open_checkpoint
+from sidp.model.checkpoint import load_decoder, open_checkpoint
 from sidp.model.decoder import Decoder, WeightPool
 from sidp.model.spec import ModelSpec
 from sidp.sampling_params import SamplingParams
@@ -68,7 +68,7 @@ class LLMEngine:
             )
             runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype, config.device)
         self.runner = runner
-        self._tokenizer = None  # loaded when a request first asks for stop strings
+        self._decode = None  # loaded when a request first asks for stop strings
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_steps = 0
@@ -139,14 +139,10 @@ class LLMEngine:
     def _stop_string(self, seq: Sequence) -> str | None:
         """The stop string the newest tokens completed, if any: only the tail is decoded, as long as the
         longest stop string in tokens (a token is at least one character) plus a few for merged bytes."""
-        if self._tokenizer is None:
-            from sidp.model.checkpoint import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.config.model)
+        if self._decode is None:
+            self._decode = load_decoder(self.config.model)
         stops = seq.params.stop
-        tail = self._tokenizer.decode(
-            seq.output_token_ids[-(max(map(len, stops)) + 4) :], skip_special_tokens=True
-        )
+        tail = self._decode(seq.output_token_ids[-(max(map(len, stops)) + 4) :])
         return next((s for s in stops if s in tail), None)
 
     def run(

@@ -6,8 +6,10 @@ model code has one way to get a weight: `open_checkpoint(path).read(name, dtype)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,26 +36,29 @@ class Checkpoint(Protocol):
 
 
 class SafetensorsCheckpoint:
-    """A folder of safetensors files; the handles stay open and each `read` pulls one tensor."""
+    """A folder of safetensors files; each `read` maps the file holding the tensor, copies the tensor out
+    and unmaps it. A handle kept open would keep every page read so far mapped, and counted in the
+    process's memory, until the whole model is loaded: at start-up a replica would briefly hold its
+    weights twice."""
 
     def __init__(self, folder: Path):
-        self._where: dict[str, Any] = {}  # tensor name → the open handle of the file holding it
+        self._where: dict[str, Path] = {}  # tensor name → the file holding it
         for file in _safetensors_files(folder):
-            handle = _open_safetensors(folder / file)
-            self._where.update((name, handle) for name in handle.keys())  # noqa: SIM118 (not a dict)
+            with _open_safetensors(folder / file) as handle:
+                self._where.update((name, folder / file) for name in handle.keys())  # noqa: SIM118
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        handle = self._where.get(name)
-        if handle is None:
+        file = self._where.get(name)
+        if file is None:
             raise SidpError(
                 f"Tensor {name!r} is not in this checkpoint; is it a complete model of a supported family?"
             )
-        tensor = handle.get_tensor(name)
-        # safe_open hands out views of a memory-mapped file; copy so callers own their tensors outright.
-        return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        with _open_safetensors(file) as handle:
+            # a view of the mapped file: copied so that callers own their tensors and the map can go
+            return handle.get_tensor(name).to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -114,6 +119,27 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             f"Cannot load the tokenizer in {resolved}: {error}. "
             "The folder needs the tokenizer files saved with the model."
         ) from None
+
+
+def load_decoder(path: str | os.PathLike) -> Callable[[list[int]], str]:
+    """Token ids → text, as the model's tokenizer decodes them without its special tokens: what a replica
+    needs to see stop strings. Read from tokenizer.json with the `tokenizers` library alone where the
+    folder has one, the library transformers' tokenizer decodes with: about a third of the memory of a
+    whole transformers tokenizer, which would load transformers into every replica."""
+    resolved = _resolve(path)
+    file = resolved / "tokenizer.json"
+    settings = resolved / "tokenizer_config.json"
+    cleans_up = settings.is_file() and _read_json(settings).get("clean_up_tokenization_spaces")
+    if resolved.is_file() or not file.is_file() or cleans_up:  # transformers' own clean-up is its own
+        tokenizer = load_tokenizer(path)
+        return functools.partial(tokenizer.decode, skip_special_tokens=True)
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot read
+        raise SidpError(f"Cannot read {file}: {error}. Save the tokenizer with the model again.") from None
+    return functools.partial(backend.decode, skip_special_tokens=True)
 
 
 def _resolve(path: str | os.PathLike) -> Path:
