@@ -7,6 +7,7 @@ import argparse
 import json
 
 import pytest
+from helpers import over_runtime
 
 from sidp.bench.workload import Request
 from sidp.cli import main
@@ -33,20 +34,23 @@ def test_qwen3_32b_on_h200_by_hand():
     assert weights == 65_524_246_528  # 61.0 GiB
     budget = int(141 * 2**30 * 0.9)
     # 8192 batched tokens of one layer's activations (bf16, float32 residual pair), float32 logits x2
-    per_token = (5 * 5120 + 3 * 8192 + 3 * 1024 + 3 * 25600) * 2 + 2 * 5120 * 4
+    per_token = (5 * 5120 + 3 * 8192 + 3 * 1024 + 4 * 25600) * 2 + 2 * 5120 * 4
     workspace = 8192 * per_token + 1024 * 151936 * 4 * 2
+    # the rotary table of 40,960 positions; a prefill chunk of 8192 over 40,960 cached tokens: K/V, mask
+    fixed = 2 * 40960 * 128 * 2 + 40960 * 2 * 1024 * 2 + 8192 * 40960
     block = 2 * 64 * 8 * 128 * 2 * 16  # K and V, all layers, 16 tokens
     dp = capacity(spec, gpu("H200"), Layout(8))
-    assert [p.kv_tokens for p in dp.plans] == [(budget - weights - workspace) // block * 16] * 8
-    assert dp.kv_tokens_per_replica == 255_664 and dp.kv_tokens_per_node == 8 * 255_664
+    assert [p.overhead_total for p in dp.plans] == [fixed] * 8  # no host runtime in a GPU's budget
+    assert [p.kv_tokens for p in dp.plans] == [(budget - weights - fixed - workspace) // block * 16] * 8
+    assert dp.kv_tokens_per_replica == 252_064 and dp.kv_tokens_per_node == 8 * 252_064
 
     sidp = capacity(spec, gpu("H200"), Layout(8, parts=MLP))
     rank0 = sidp.plans[0]  # owns layers 0, 8, ..., 56: 8 MLPs, and two slots of one MLP each
     cas = 7 * 256 * 10240 * 2 + 7 * 256 * (2 * 10240 + 3 * 25600) * 2  # buffers + service rows
     held = weights - 56 * mlp_layer + 2 * mlp_layer + cas
     assert rank0.weight_total == held
-    assert rank0.kv_tokens == (budget - held - workspace) // block * 16 == 416_192
-    assert sidp.kv_tokens_per_replica / dp.kv_tokens_per_replica == pytest.approx(1.628, abs=1e-3)
+    assert rank0.kv_tokens == (budget - held - fixed - workspace) // block * 16 == 412_592
+    assert sidp.kv_tokens_per_replica / dp.kv_tokens_per_replica == pytest.approx(1.637, abs=1e-3)
 
 
 def test_70b_fits_only_when_pooled_at_tp1_and_tensor_shards_halve_it():
@@ -138,14 +142,29 @@ def test_bench_predict_replays_a_replicas_own_steps(tiny_model, tmp_path, capsys
         parser = argparse.ArgumentParser()
         throughput.add_arguments(parser)
         argv = ["--model", str(tiny_model("llama")), "--dtype", "float32", "--num-requests", "8"]
-        argv += ["--input-len", "20:60", "--output-len", "8:24", "--memory-per-replica", "40MiB"]
+        argv += [
+            "--input-len",
+            "20:60",
+            "--output-len",
+            "8:24",
+            "--memory-per-replica",
+            over_runtime("40MiB"),
+        ]
         argv += ["--warmup", "0"]
         argv += ["--baseline", "none", "--predict", "--out", str(tmp_path / "b.json"), *extra]
         return throughput.run(parser.parse_args(argv))
 
-    (one,) = bench("--max-num-seqs", "3")["calibration"]["rows"]
+    first = bench("--max-num-seqs", "3")
+    (one,) = first["calibration"]["rows"]
     assert one["predicted_steps"] == one["measured_steps"] > 8
     assert one["predicted_step_ms"] > 0 and one["measured_step_ms"] > 0
-    rows = bench("--dp", "2", "--configs", "dp,cas")["calibration"]["rows"]
-    assert [r["label"] for r in rows] == ["dp", "cas"]
-    assert "step time predicted within 20% for" in capsys.readouterr().out
+    assert 0 <= one["fitted_share"] < 1 and one["measured_mode_shares"] == one["predicted_mode_shares"] == {}
+    (tmp_path / "b.json").rename(tmp_path / "fitted.json")
+    group = bench("--dp", "2", "--configs", "dp,cas", "--predict-device", str(tmp_path / "fitted.json"))
+    assert group["calibration"]["device"] == first["calibration"]["device"]  # not measured again
+    assert group["calibration"]["device_source"] == "given"
+    dp, cas = group["calibration"]["rows"]
+    assert (dp["label"], cas["label"]) == ("dp", "cas")
+    assert cas["measured_mode_shares"] == cas["predicted_mode_shares"] == {"was": 0, "cas": 1, "map": 0}
+    assert cas["mode_mix_matches"] and cas["hit"] == (abs(cas["step_error"]) <= 0.2)
+    assert "hits (step time within 20% and the same mode mix):" in capsys.readouterr().out

@@ -31,7 +31,7 @@ from sidp.bench.report import (
     print_side_by_side,
     workload_stats,
 )
-from sidp.bench.resident import PeakPss
+from sidp.bench.resident import PeakPss, pss_bytes
 from sidp.bench.workload import (
     SHAPES,
     Request,
@@ -44,9 +44,10 @@ from sidp.bench.workload import (
 from sidp.config import resolve_dtype
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import DoesNotFit, SidpError
+from sidp.memory import RUNTIME
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
-from sidp.plan.calibration import Predictor, calibration_report
+from sidp.plan.calibration import Predictor, calibration_report, device_from_report
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -101,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=1,
-        help="run the configurations this many times, order reversed each time",
+        help="run the configurations (and the peer) this many times, order reversed each time",
     )
     parser.add_argument(
         "--probe-every",
@@ -113,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predict",
         action="store_true",
         help="also predict each configuration with sidp plan's cost model, measured on this CPU",
+    )
+    parser.add_argument(
+        "--predict-device",
+        type=Path,
+        metavar="JSON",
+        help="with --predict: price steps with the device an earlier --predict run measured (its JSON), "
+        "so that the scored runs are not the ones it was fitted on",
     )
     sweep.add_arguments(parser)
 
@@ -138,7 +146,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.peer:
         peer.check_python(args.peer_python)
     loadavg_before = os.getloadavg()
-    predict = Predictor() if args.predict else None
+    if args.predict_device and not args.predict:
+        raise SidpError("--predict-device is the device --predict prices steps with: add --predict.")
+    device = device_from_report(args.predict_device) if args.predict_device else None
+    predict = Predictor(device) if args.predict else None
 
     model_path, tokenizer, spec, dtype = _model(args)
     workload, warmup = _workloads(args, input_len, output_len, tokenizer, spec)
@@ -146,8 +157,6 @@ def run(args: argparse.Namespace) -> dict:
 
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
-    if args.peer:
-        results.append(peer.run_peer(args.peer, args.peer_python, model_path, dtype_name, requests, warmup))
     if budgets:
         results += sweep.sweep_memory(
             budgets,
@@ -161,7 +170,13 @@ def run(args: argparse.Namespace) -> dict:
             ),
         )
     else:
-        results += run_configs(args, configs, requests, warmup, predict=predict)
+        run_peer = None
+        if args.peer:  # a configuration of its own, in the same rounds as sidp's
+
+            def run_peer() -> dict:
+                return peer.run_peer(args.peer, args.peer_python, model_path, dtype_name, requests, warmup)
+
+        results += run_configs(args, configs, requests, warmup, predict=predict, run_peer=run_peer)
     if args.baseline == "transformers":
         results.append(run_baseline(model_path, requests, dtype, hf_batch_sizes))
     add_ratios(results, args.peer)
@@ -192,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": machine,
     }
     if predict and predict.device:
-        report["calibration"] = calibration_report(results, predict.device, args.dp)
+        report["calibration"] = calibration_report(results, predict, args.dp)
     if budgets:
         report["sweep"] = {
             "over": "memory_per_replica",
@@ -216,16 +231,22 @@ def run_configs(
     warmup: list[Request],
     heading: str = "",
     predict: Callable | None = None,
+    run_peer: Callable[[], dict] | None = None,
 ) -> list[dict]:
     """Each configuration on the same workload, one group at a time. With a `heading` (a sweep's budget)
     a configuration the budget is too small for is recorded as not fitting and the others go on; without
-    one, that stops the benchmark."""
-    runs: dict[str, list[dict]] = {label: [] for label in configs}
+    one, that stops the benchmark. run_peer: the peer engine's run, first in the first round."""
+    order = [args.peer, *configs] if run_peer else configs
+    runs: dict[str, list[dict]] = {label: [] for label in order}
     misfits: dict[str, str] = {}
     for round_ in range(args.rounds):  # A B C, then C B A, ...: drift in the machine hits all alike
-        for label in configs if round_ % 2 == 0 else configs[::-1]:
+        for label in order if round_ % 2 == 0 else order[::-1]:
             if label in misfits:
                 continue
+            if run_peer and label == args.peer:
+                runs[label].append(run_peer())
+                continue
+            before = pss_bytes(os.getpid())  # for a replica in this process: what was here already
             try:
                 llm = _start(args, label, requests)
             except DoesNotFit as error:  # any other error at start-up is not the budget's
@@ -234,7 +255,7 @@ def run_configs(
                 misfits[label] = str(error)
                 print(f"{heading}{label}: does not fit: {error}")
                 continue
-            runs[label].append(run_sidp(llm, requests, warmup, label))
+            runs[label].append(run_sidp(llm, requests, warmup, label, before))
             if predict and round_ == args.rounds - 1:  # the same every round; the last is the one kept
                 runs[label][-1]["predicted"] = predict(llm, requests)
             line = throughput_line(runs[label][-1])
@@ -246,7 +267,7 @@ def run_configs(
         {**_mean_of_rounds(runs[label]), "fits": True}
         if runs[label]
         else {"engine": "sidp", "label": label, "fits": False, "error": misfits[label]}
-        for label in configs
+        for label in order
     ]
 
 
@@ -335,8 +356,11 @@ def run_baseline(
     return hf
 
 
-def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) -> dict:
-    """Warm up, then time one `generate` over the whole workload (counters cover only that)."""
+def run_sidp(
+    llm, requests: list[Request], warmup: list[Request], label: str, pss_before: int | None = None
+) -> dict:
+    """Warm up, then time one `generate` over the whole workload (counters cover only that).
+    pss_before: this process's PSS before the LLM started, for a replica that runs in it (see below)."""
     from sidp.sampling_params import SamplingParams
 
     def generate(reqs: list[Request]) -> list:
@@ -362,6 +386,11 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
             )
     after = llm.replica_counters()
     counters = totals(before, after)
+    peak_pss = peaks.pss
+    if llm.replica_pids() == [os.getpid()] and pss_before is not None and peak_pss[0] is not None:
+        # This process also holds the bench (tokenizer, workload, transformers): count what the replica
+        # added to it, plus the runtime its ledger counts, as if the replica ran alone.
+        peak_pss = [peak_pss[0] - pss_before + llm.plans[0].overheads.get(RUNTIME, 0)]
     result = {
         "engine": "sidp",
         "label": label,
@@ -373,7 +402,8 @@ def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) ->
         "kv_cache_tokens": min(plan.kv_tokens for plan in llm.plans),  # per replica, the tightest
         "kv_cache_tokens_by_replica": [plan.kv_tokens for plan in llm.plans],
         "memory_per_replica_by_replica": [plan.budget for plan in llm.plans],
-        "peak_pss_by_replica": peaks.pss,  # sampled; see sidp/bench/resident.py
+        "peak_pss_by_replica": peak_pss,  # sampled; see sidp/bench/resident.py
+        "replica_in_bench_process": llm.replica_pids() == [os.getpid()],
         "peak_rss_by_replica": peaks.rss,
         "num_steps": counters["steps"],
         "num_preemptions": counters["preemptions"],
