@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from sidp.bench.workload import SHAPE_OUTPUT_LEN, SHAPES, Request
 from sidp.errors import SidpError
 from sidp.plan.capacity import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, Capacity, Layout, capacity
+from sidp.plan.group import simulate_group
 from sidp.plan.hardware import Device, gpu, gpu_specs
 from sidp.plan.models import BUILT_IN, model_spec
 from sidp.plan.simulate import replica_step_times, simulate
@@ -19,6 +22,9 @@ from sidp.pool.placement import parse_parts
 from sidp.pool.policy import ROWS_GRID
 
 POOLING = ("mlp", "mlp,attn", "mlp,attn,embed")
+SIMULATIONS = {"group": simulate_group, "replica": simulate}
+# The group with each replica's policy kept at its start-up calibration: what the policy's learning costs.
+FIXED_POLICY = {"group_fixed_policy": partial(simulate_group, learn=False)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="predict throughput on this fixed shape (none: capacity only)",
     )
     parser.add_argument("--requests-per-replica", type=int, default=128)
+    parser.add_argument(
+        "--simulation",
+        default="group",
+        choices=list(SIMULATIONS),
+        help="group: the replicas on one clock, meeting at their owners (CaS queues, shared links); "
+        "replica: each alone, borrowed layers priced by the pool's cost model",
+    )
     parser.add_argument("--json", type=Path, help="write the whole plan here")
     parser.add_argument("--plot", type=Path, help="PNG of KV tokens and throughput against DP size")
     parser.add_argument(
@@ -70,7 +83,10 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             for parts in [frozenset(), *poolings]:
                 rows.append(plan_row(spec, device, Layout(dp, tp, parts), args))
+    from sidp.bench.throughput import home_as_tilde
+
     plan = {
+        "command": " ".join(["sidp", *(home_as_tilde(a) for a in sys.argv[1:])]),
         "model": name,
         "gpu": device.name,
         "device": asdict(device),
@@ -82,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
             "input_len": SHAPES.get(args.workload),
             "output_len": SHAPE_OUTPUT_LEN,
             "requests_per_replica": args.requests_per_replica,
+            "simulation": args.simulation,
         },
         "rows": rows,
         "crossover": [_crossover(spec, device, tp) for tp in tps],
@@ -131,25 +148,31 @@ def plan_row(spec, device: Device, layout: Layout, args) -> dict:
         "max_concurrency": cap.concurrency(args.seq_len),
     }
     if cap.fits and args.workload != "none":
-        row.update(predict(spec, device, cap, args))
+        row.update(predict(spec, device, cap, args.workload, args.requests_per_replica, args.simulation))
     return row
 
 
-def predict(spec, device: Device, cap: Capacity, args) -> dict:
-    n = args.requests_per_replica * cap.layout.dp
-    requests = [Request([0] * SHAPES[args.workload], SHAPE_OUTPUT_LEN) for _ in range(n)]
+def predict(
+    spec, device: Device, cap: Capacity, shape: str, requests_per_replica: int, simulation: str = "group"
+) -> dict:
+    """Throughput of `cap`'s layout on `requests_per_replica` requests of a workload shape per replica."""
+    n = requests_per_replica * cap.layout.dp
+    requests = [Request([0] * SHAPES[shape], SHAPE_OUTPUT_LEN) for _ in range(n)]
+    step_times = replica_step_times(spec, device, cap)
     try:
-        p = simulate(
-            spec, cap, replica_step_times(spec, device, cap), requests, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS
-        )
+        simulate_ = {**SIMULATIONS, **FIXED_POLICY}[simulation]
+        p = simulate_(spec, cap, step_times, requests, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS)
     except SidpError as error:
         return {"prediction_error": str(error)}
-    return {
+    predicted = {
         "output_tokens_per_s": round(p.output_tokens_per_s, 1),
         "steps": p.steps,
         "preemptions": p.preemptions,
         "steps_by_mode": p.modes,
     }
+    if p.group and p.group["cas_passes"]:
+        predicted["group"] = p.group
+    return predicted
 
 
 def _crossover(spec, device: Device, tp: int) -> dict:
@@ -211,7 +234,7 @@ def throughput_table(plan: dict) -> str:
     head = f"{'DP':>3} {'TP':>3} {'config':<20} {'output tok/s/node':>18} {'vs DP':>6} {'steps WaS/CaS':>14}"
     lines = [
         f"Predicted throughput, {w['shape']} ({w['input_len']} in, {w['output_len']} out, "
-        f"{w['requests_per_replica']} requests per replica)",
+        f"{w['requests_per_replica']} requests per replica, {w['simulation']} simulation)",
         head,
         "-" * len(head),
     ]

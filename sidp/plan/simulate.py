@@ -28,6 +28,7 @@ class Prediction:
     steps: int
     preemptions: int
     modes: dict[str, int]  # steps per mode, where layers are borrowed
+    group: dict | None = None  # what the replicas met at their owners (sidp.plan.group), when modelled
 
 
 def replica_step_times(
@@ -60,8 +61,34 @@ def simulate(
     max_num_seqs: int,
     max_num_batched_tokens: int,
 ) -> Prediction:
-    """Replicas pull requests as the real ones do (when their scheduler has room); whichever replica's
-    clock is earliest acts next, so the shared queue is drained in time order."""
+    """Each replica alone on its own clock, its borrowed layers priced by the pool's cost model (sidp
+    .plan.group has the replicas meet at the owners). Replicas pull requests as the real ones do (when
+    their scheduler has room); whichever replica's clock is earliest acts next, so the shared queue is
+    drained in time order."""
+    runners = [PredictedRunner(t) for t in step_times]
+    engines = planned_engines(spec, cap, runners, requests, max_num_seqs, max_num_batched_tokens)
+    pending = deque(enumerate(requests))
+    active = set(range(len(engines)))
+    while active:
+        rank = min(active, key=lambda r: runners[r].clock)
+        engine = engines[rank]
+        hand_out(pending, engine)
+        if engine.has_work():
+            engine.step()
+        else:
+            active.discard(rank)
+    return prediction(requests, engines, step_times, [r.clock for r in runners])
+
+
+def planned_engines(
+    spec: ModelSpec,
+    cap: Capacity,
+    runners: list,
+    requests: list[Request],
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+) -> list[LLMEngine]:
+    """One engine per replica on its memory plan, each step run by its runner (nothing is computed)."""
     longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
     if longest > cap.kv_tokens_per_replica:
         raise SidpError(
@@ -78,28 +105,26 @@ def simulate(
         eos_token_ids=(),
         enable_prefix_caching=False,  # the planner's prompts are placeholders, not text to share
     )
-    runners = [PredictedRunner(t) for t in step_times]
-    engines = [LLMEngine(config, spec, plan, runner=r) for plan, r in zip(cap.plans, runners, strict=True)]
-    pending = deque(enumerate(requests))
-    active = set(range(len(engines)))
-    while active:
-        rank = min(active, key=lambda r: runners[r].clock)
-        engine = engines[rank]
-        while pending and engine.wants_requests():
-            seq_id, request = pending.popleft()
-            params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
-            engine.add_request(seq_id, request.prompt_token_ids, params)
-        if engine.has_work():
-            engine.step()
-        else:
-            active.discard(rank)
-    elapsed = max(r.clock for r in runners)
-    modes = sum((t.modes for t in step_times), Counter())
+    return [LLMEngine(config, spec, plan, runner=r) for plan, r in zip(cap.plans, runners, strict=True)]
+
+
+def hand_out(pending: deque[tuple[int, Request]], engine: LLMEngine) -> None:
+    """The shared queue's next requests, to a replica while its scheduler has room for them."""
+    while pending and engine.wants_requests():
+        seq_id, request = pending.popleft()
+        params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
+        engine.add_request(seq_id, request.prompt_token_ids, params)
+
+
+def prediction(
+    requests: list[Request], engines: list[LLMEngine], step_times: list[StepTime], finished: list[float]
+) -> Prediction:
+    elapsed = max(finished)
     return Prediction(
         elapsed_s=elapsed,
-        elapsed_by_replica=[r.clock for r in runners],
+        elapsed_by_replica=finished,
         output_tokens_per_s=sum(r.output_len for r in requests) / elapsed,
         steps=sum(e.num_steps for e in engines),
         preemptions=sum(e.scheduler.num_preemptions for e in engines),
-        modes=dict(modes),
+        modes=dict(sum((t.modes for t in step_times), Counter())),
     )

@@ -91,7 +91,8 @@ class ModePolicy:
         self.copy_s = calibration.copy_s
         self.request_overhead_s = calibration.round_trip_s  # round trip plus owner queueing, learnt
 
-    def _requests(self, rows: int) -> int:
+    def requests(self, rows: int) -> int:
+        """CaS requests per borrowed layer: one per pooled op and chunk of CAS_ROWS rows."""
         return self.ops_per_layer * math.ceil(rows / CAS_ROWS)
 
     def costs(self, rows: int) -> dict[str, float]:
@@ -101,7 +102,7 @@ class ModePolicy:
             "map": self.remote_layers * compute,
             "was": self.remote_layers
             * (max(compute, self.copy_s) if self.overlap else compute + self.copy_s),
-            "cas": self.remote_layers * (compute + self._requests(rows) * self.request_overhead_s),
+            "cas": self.remote_layers * (compute + self.requests(rows) * self.request_overhead_s),
         }
 
     def choose(self, rows: int) -> str:
@@ -114,5 +115,5 @@ class ModePolicy:
     def observe_cas(self, rows: int, waited_s: float) -> None:
         """A CaS step waited `waited_s` on its owners in all: learn the overhead beyond the compute."""
         per_layer = waited_s / self.remote_layers - self.calibration.compute_s(rows)
-        overhead = max(0.0, per_layer / self._requests(rows))
+        overhead = max(0.0, per_layer / self.requests(rows))
         self.request_overhead_s += LEARNING_RATE * (overhead - self.request_overhead_s)
