@@ -23,8 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import build_tiny_model  # noqa: E402
-from fault_cases import CASES, run_case, with_table  # noqa: E402
+from fault_cases import CASES, run_case  # noqa: E402
 
+from sidp.bench.doc_tables import rewrite  # noqa: E402
 from sidp.machine import cpu_model  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"{sum(c['passed'] for c in report['cases'])} passed, {failed} failed")
     print(f"wrote {args.out}")
     if str(args.doc) != "none":
-        args.doc.write_text(with_table(args.doc.read_text(), report))
+        args.doc.write_text(rewrite(args.doc.read_text(), name=str(args.doc)))
         print(f"rewrote the table in {args.doc}")
 
 

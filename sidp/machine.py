@@ -39,6 +39,13 @@ def bf16_flags() -> dict[str, bool]:
     return {flag: flag in flags for flag in BF16_FLAGS}
 
 
+def flags_text(flags: dict[str, bool]) -> str:
+    """ "avx2 avx512f, no avx512_bf16 amx_tile amx_bf16": the missing ones say as much as the others."""
+    have = " ".join(f for f, present in flags.items() if present)
+    missing = " ".join(f for f, present in flags.items() if not present)
+    return ", ".join(part for part in (have, missing and f"no {missing}") if part)
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 "flags", arm64 "Features"); empty where /proc/cpuinfo is missing."""

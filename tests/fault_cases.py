@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers import over_runtime
+
 STOP_S = 5.0  # every replica of a group told to stop (or one of whose replicas died) is gone within this
 ORPHAN_S = 2.0  # a replica whose driver died is gone within this
 EXIT_S = 30.0  # the driver itself (and multiprocessing's resource tracker) is gone within this
@@ -28,13 +30,14 @@ _started: list[subprocess.Popen] = []  # drivers of the running case, killed wha
 DRIVER = """
 import json, sys, time
 from sidp import LLM, SamplingParams
+from sidp.runtime_memory import runtime_bytes
 
 def say(*words):
     print(*words, flush=True)
 
 if __name__ == "__main__":
     case = json.loads(sys.argv[1])
-    kwargs = dict(dtype="float32", memory_per_replica="64MiB", max_num_seqs=2,
+    kwargs = dict(dtype="float32", memory_per_replica=runtime_bytes("cpu") + 64 * 2**20, max_num_seqs=2,
                   data_parallel_size=case["dp"], weight_sharing=case["sharing"])
     if case["mode"]:
         kwargs["sidp_mode"] = case["mode"]
@@ -354,7 +357,7 @@ def cli_interrupted(command: str):
     def run(workdir: Path, model: Path) -> Outcome:
         output = workdir / "out.jsonl"
         argv = [sys.executable, "-m", "sidp.cli", command, "--model", str(model), "--dtype", "float32"]
-        argv += ["--memory-per-replica", "64MiB", "--dp", "2", "--max-num-seqs", "2"]
+        argv += ["--memory-per-replica", over_runtime("64MiB"), "--dp", "2", "--max-num-seqs", "2"]
         if command == "generate":
             source = workdir / "in.jsonl"
             lines = [{"id": f"r{i}", "prompt": f"request {i}", "max_tokens": 900} for i in range(200)]
@@ -427,35 +430,3 @@ def run_case(name: str, workdir: Path, model: Path) -> Outcome:
         _started.clear()
     outcome.case = name
     return outcome
-
-
-# --- the soak's record in docs/RELIABILITY.md --------------------------------------------------------
-
-TABLE_BEGIN = "<!-- fault-soak table, from docs/reliability/fault-soak.json (benchmarks/fault_soak.py) -->"
-TABLE_END = "<!-- end of fault-soak table -->"
-
-
-def soak_table(report: dict) -> str:
-    """The markdown table of a soak report (benchmarks/fault_soak.py's JSON)."""
-    lines = [
-        f"`{report['command']}` on {report['cpu']} ({report['cores']} cores), "
-        f"{report['runs_per_case']} runs of each case:",
-        "",
-        "| fault | runs passed | stopped in, s: min | median | max | left behind |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for case in report["cases"]:
-        stop = case["stop_s"]
-        left = "; ".join(case["left_behind"]) or "nothing"
-        lines.append(
-            f"| {case['case']} | {case['passed']} of {case['runs']} | {stop['min']:.2f} | "
-            f"{stop['median']:.2f} | {stop['max']:.2f} | {left} |"
-        )
-    return "\n".join(lines)
-
-
-def with_table(doc: str, report: dict) -> str:
-    """`doc` with the text between its table markers replaced by the report's table."""
-    head, rest = doc.split(TABLE_BEGIN)
-    _, tail = rest.split(TABLE_END)
-    return f"{head}{TABLE_BEGIN}\n{soak_table(report)}\n{TABLE_END}{tail}"

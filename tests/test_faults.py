@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fault_cases import CASES, run_case, with_table
+from fault_cases import CASES, run_case
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,8 @@ def test_the_group_stops_and_leaves_nothing(case, model, tmp_path):
     assert outcome.left == [], f"{outcome}"
 
 
-def test_the_reliability_doc_shows_what_its_soak_json_holds():
-    """docs/RELIABILITY.md's table is the one benchmarks/fault_soak.py renders from its JSON, case for
-    case and figure for figure: a soak re-run without its doc (or a hand edit) fails here."""
-    docs = Path(__file__).resolve().parent.parent / "docs"
-    report = json.loads((docs / "reliability/fault-soak.json").read_text())
-    doc = (docs / "RELIABILITY.md").read_text()
-    assert doc == with_table(doc, report)
-    assert [c["case"] for c in report["cases"]] == list(CASES)  # every case of today's list was soaked
+def test_every_case_of_today_was_soaked():
+    """docs/RELIABILITY.md's soak table is rendered from this JSON (tests/test_docs_figures.py holds the
+    table to it); a case added since the soak fails here until the soak runs again."""
+    soak = Path(__file__).resolve().parent.parent / "docs/reliability/fault-soak.json"
+    assert [c["case"] for c in json.loads(soak.read_text())["cases"]] == list(CASES)

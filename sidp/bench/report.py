@@ -12,7 +12,7 @@ import torch
 
 from sidp.bench.modes import modes_table, probes_table
 from sidp.bench.workload import Workload, output_tokens, prompt_tokens
-from sidp.machine import bf16_flags, cpu_model
+from sidp.machine import bf16_flags, cpu_model, flags_text
 
 
 def print_side_by_side(
@@ -121,10 +121,3 @@ def machine_line(m: dict) -> str:
         f"{m['torch_threads']} torch threads, torch {m['torch']}; "
         f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
     )
-
-
-def flags_text(flags: dict[str, bool]) -> str:
-    """ "avx2 avx512f, no avx512_bf16 amx_tile amx_bf16": the missing ones say as much as the others."""
-    have = " ".join(f for f, present in flags.items() if present)
-    missing = " ".join(f for f, present in flags.items() if not present)
-    return ", ".join(part for part in (have, missing and f"no {missing}") if part)

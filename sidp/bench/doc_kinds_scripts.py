@@ -1,0 +1,89 @@
+"""Markdown tables of the JSONs benchmarks/*.py write: the profile, the attention kernel, matrix products by
+dtype, the fault soak (sidp/bench/doc_tables.py puts them between their markers)."""
+
+from __future__ import annotations
+
+from sidp.bench.doc_kinds import PEERS, Renderer, name, share, table, times
+
+
+def profile(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/profile_bench.py: each op group's share of the timed `generate`, a column per run."""
+    groups = dict.fromkeys(
+        g for d in docs for g in sorted(d["groups"], key=lambda g: -d["groups"][g]["seconds"])
+    )
+    rows = [["wall time of the timed `generate`", *(f"{d['wall_s']:.1f} s" for d in docs)]]
+    for g in groups:
+        rows.append([g, *(share(d["groups"][g]["share"]) if g in d["groups"] else "-" for d in docs)])
+    head = " | ".join(["group", *(f"{d['dtype']} ({name(p)})" for p, d in zip(paths, docs, strict=True))])
+    return table(head, rows, "l" + "r" * len(docs))
+
+
+def profile_vs_peer(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/profile_bench.py --peer-python: sidp's op groups beside the peer's, seconds and share."""
+    ours, theirs = docs[0], docs[0]["peer"]
+    rows = [["wall time of the timed `generate`", f"{ours['wall_s']:.2f} s", f"{theirs['wall_s']:.2f} s"]]
+    for g in sorted(ours["groups"], key=lambda g: -ours["groups"][g]["seconds"]):
+        cells = [
+            f"{x['groups'][g]['seconds']:.2f} s ({share(x['groups'][g]['share'])})"
+            if g in x["groups"]
+            else "-"
+            for x in (ours, theirs)
+        ]
+        rows.append([g, *cells])
+    head = f"group | sidp | {PEERS.get(theirs['engine'], theirs['engine'])} {theirs['version']}"
+    return table(head, rows, "lrr")
+
+
+def attention(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/attention_microbench.py: the paged decode kernel against the gather + bmm reference."""
+    rows = [
+        [
+            r["dtype"],
+            str(r["batch"]),
+            str(r["context"]),
+            f"{r['kernel_ms']:.3f} ({r['kernel_min_ms']:.3f})",
+            f"{r['reference_ms']:.3f} ({r['reference_min_ms']:.3f})",
+            times(r["speedup"]),
+        ]
+        for d in docs
+        for r in d["results"]
+    ]
+    head = (
+        "dtype | batch | context | kernel ms, median (best) | gather + bmm reference ms, median (best) | "
+        "speed-up (medians)"
+    )
+    return table(head, rows, "lrrrrr")
+
+
+def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/matmul_dtypes.py: median ms of F.linear on SmolLM2's gate/up shape, by dtype and path."""
+    columns = ("float32", "bfloat16", "packed", "widened", "sidp")
+    rows = [
+        [str(r["rows"]), *("-" if r.get(c) is None else f"{r[c]:.2f}" for c in columns)]
+        for r in docs[0]["rows"]
+    ]
+    return table(" | ".join(["rows", *columns]), rows, "r" * 6)
+
+
+def fault_soak(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/fault_soak.py: each fault case's runs, how long the group took to stop, what it left."""
+    rows = [
+        [
+            c["case"],
+            f"{c['passed']} of {c['runs']}",
+            *(f"{c['stop_s'][k]:.2f}" for k in ("min", "median", "max")),
+            "; ".join(c["left_behind"]) or "nothing",
+        ]
+        for c in docs[0]["cases"]
+    ]
+    head = "fault | runs passed | stopped in, s: min | median | max | left behind"
+    return f"{docs[0]['runs_per_case']} runs of each case:\n\n" + table(head, rows, "lrrrrl")
+
+
+KINDS: dict[str, Renderer] = {
+    "profile": profile,
+    "profile-vs-peer": profile_vs_peer,
+    "attention": attention,
+    "matmul-dtypes": matmul_dtypes,
+    "fault-soak": fault_soak,
+}
