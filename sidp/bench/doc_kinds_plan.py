@@ -82,12 +82,21 @@ def plan_throughput(paths: list[str], plans: list[dict], options: dict[str, str]
             rows.append([plan["model"], str(layout[0]), str(layout[1]), *cells])
     workloads = dict.fromkeys(
         f"Workload {w['shape']}: {w['input_len']:,} prompt + {w['output_len']:,} output tokens, "
-        f"{w['requests_per_replica']} requests per replica."
+        f"{w['requests_per_replica']} requests per replica{simulated(w)}."
         for w in (p["workload"] for p in plans)
         if w
     )
     body = table(" | ".join(["model", "DP", "TP", *configs]), rows, "lrr" + "r" * len(configs))
     return "\n".join([body, "", *workloads, priced_as(plans)])
+
+
+def simulated(workload: dict) -> str:
+    """Which of the planner's simulations priced the steps (plans from before it had two say nothing)."""
+    return (
+        f"; {workload['simulation']} simulation (`--simulation {workload['simulation']}`)"
+        if "simulation" in workload
+        else ""
+    )
 
 
 def plan_crossover(paths: list[str], plans: list[dict], options: dict[str, str]) -> str:
