@@ -219,8 +219,12 @@ def predict(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
             f"{d['mem_bw'] / 1e9:.1f} GB/s streaming, {d['link_bw'] / 1e9:.1f} GB/s copy, "
             f"{d['round_trip_s'] * 1e6:.1f} µs round trip, "
             f"{d['layer_overhead_s'] * 1e6:.0f} µs per layer and step, "
-            f"{d['seq_overhead_s'] * 1e6:.0f} µs per layer and sequence; copies priced as "
-            f"{'overlapping' if d['copies_overlap'] else 'not overlapping'} compute.",
+            f"{d['seq_overhead_s'] * 1e6:.0f} µs per layer and sequence"
+            + (
+                f"; copies priced as {'overlapping' if d['copies_overlap'] else 'not overlapping'} compute."
+                if "copies_overlap" in d
+                else "."
+            ),
         ]
     )
 

@@ -10,7 +10,7 @@ scored."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -73,8 +73,9 @@ def _simulated(llm, requests: list[Request], device: Device):
 def device_from_report(path) -> Device:
     """The device an earlier `sidp bench --predict` measured, from its JSON."""
     try:
-        fields = json.loads(Path(path).read_text(encoding="utf-8"))["calibration"]["device"]
-        return Device(**fields)
+        measured = json.loads(Path(path).read_text(encoding="utf-8"))["calibration"]["device"]
+        known = {f.name for f in fields(Device)}  # an older run may have recorded fields since dropped
+        return Device(**{k: v for k, v in measured.items() if k in known})
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SidpError(
             f"Cannot read a measured device from {path} ({error}); "

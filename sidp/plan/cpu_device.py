@@ -10,7 +10,6 @@ layer and per sequence, from real decode steps of the whole model with 1 and 16 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from dataclasses import replace
 from functools import partial
@@ -105,8 +104,6 @@ def _measure(config: EngineConfig, spec: ModelSpec, threads: int, siblings: int)
         round_trip_s=measured.round_trip_s,
         layer_overhead_s=0.0,
         kind="cpu",
-        # The prefetcher's copy runs on a core; only a core no replica computes on hides it.
-        copies_overlap=(siblings + 1) * threads < len(os.sched_getaffinity(0)),
     )
     # What the roofline misses, per layer: a part per step and a part per sequence, from decode steps
     # of one and of MANY sequences.

@@ -34,7 +34,6 @@ class Device:
     layer_overhead_s: float  # per decoder layer and step, beyond the roofline
     seq_overhead_s: float = 0.0  # per decoder layer and sequence in the step, beyond the roofline
     step_overhead_s: float = 0.0  # per step: scheduling, sampling, what the roofline does not see
-    copies_overlap: bool = True  # copy engines move weights beside compute; a CPU's busy cores cannot
     kind: str = "cuda"  # "cuda" or "cpu": how the ledger counts activations (sidp.memory)
     half_speed_rows: float = 0.0  # rows at which a kernel reaches half the roofline (0: all of it, always)
 

@@ -45,7 +45,8 @@ class StepTime:
         self.head_link_s = self.head_bytes / device.link_bw if embed_remote and mode != "map" else 0.0
         self.remote_layers = remote_layers
         self.policy = None
-        self.slots = cache_slots if device.copies_overlap else 1  # one slot: the copy adds to compute
+        # As the engine's pool prices it (sidp.pool.member): with two slots or more a copy runs under compute.
+        self.slots = cache_slots
         if remote_layers:
             calibration = Calibration(
                 copy_s=self.pooled_bytes / device.link_bw,
