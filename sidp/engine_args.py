@@ -23,7 +23,7 @@ from sidp.model.spec import ModelSpec
 from sidp.pool.modes import MODES, default_mode
 from sidp.pool.placement import POLICIES, Placement, parse_parts, pool_share
 from sidp.pool.transport import transport_for
-from sidp.runtime_memory import decoder_bytes, runtime_bytes
+from sidp.runtime_memory import decoder_bytes, runtime_bytes, tokenizer_bytes
 
 DEVICES = ("cpu", "cuda")
 
@@ -47,6 +47,9 @@ class EngineArgs:
     cache_slots: int = 2
     pooled_parts: str = "mlp"
     mode_probe_every: int = 0
+    # A lone replica runs in the driver's process unless this asks for one of its own (as `sidp bench`
+    # does, so that what the replica holds is measured apart from the bench, like vLLM's engine core).
+    replica_process: bool = False
 
     def resolve(self, spec: ModelSpec, hf_config: dict, eos_token_ids: tuple[int, ...]) -> GroupPlan:
         """The group plan for a model already read (its spec, config.json and EOS ids); raises SidpError
@@ -75,7 +78,9 @@ class EngineArgs:
             device,
             self.max_model_len,
             runtime_bytes(device),
-            decoder_bytes(str(self.model), device),
+            # in the driver's process, a replica decodes stop strings with the driver's tokenizer
+            0 if self.in_driver else decoder_bytes(str(self.model), device),
+            tokenizer_bytes(str(self.model), device) if self.in_driver else 0,
         )
         tightest = min(plans, key=lambda p: p.kv_tokens)
         config = EngineConfig(
@@ -96,6 +101,11 @@ class EngineArgs:
             device=device,
         )
         return GroupPlan(config, spec, tuple(plans), plain)
+
+    @property
+    def in_driver(self) -> bool:
+        """The replica runs in the driver's process (a lone one, unless replica_process)."""
+        return self.data_parallel_size == 1 and not self.replica_process
 
     def _check(self) -> None:
         if self.data_parallel_size < 1:
@@ -178,12 +188,14 @@ def replica_ledgers(
     max_model_len: int | None = None,
     runtime: int = 0,
     decoder: int = 0,
+    driver: int = 0,
 ) -> tuple[list[MemoryPlan], MemoryPlan | None]:
     """(each of the `size` replicas' ledgers, plain DP's on the same budget or None where it does not
     fit); layout None: plain DP.
-    limits: (block_size, max_num_batched_tokens, max_num_seqs); max_model_len, runtime, decoder: as
-    plan_memory takes them. Raises DoesNotFit where even SiDP cannot hold the model."""
-    extra = {"device": device, "max_model_len": max_model_len, "runtime": runtime, "decoder": decoder}
+    limits: (block_size, max_num_batched_tokens, max_num_seqs); max_model_len, runtime, decoder, driver:
+    as plan_memory takes them. Raises DoesNotFit where even SiDP cannot hold the model."""
+    extra = {"device": device, "max_model_len": max_model_len, "runtime": runtime}
+    extra.update(decoder=decoder, driver=driver)
     try:
         plain = plan_memory(spec, dtype, budget, *limits, **extra)
     except SidpError:
@@ -231,7 +243,7 @@ FLAG_HELP = {
 FLAG_TYPES = {"max_model_len": int, "data_parallel_size": int}  # fields whose default is None
 CHOICES = {"device": DEVICES, "weight_sharing": ("none", "sidp"), "sidp_mode": MODES, "placement": POLICIES}
 POOL_FIELDS = ("pooled_parts", "placement")  # what `sidp info` also takes
-NOT_FLAGS = ("mode_probe_every", "block_size")  # bench sets the first through --probe-every
+NOT_FLAGS = ("mode_probe_every", "block_size", "replica_process")  # bench sets the first and last
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, dtype: str = "auto", dp: int | None = 1) -> None:

@@ -7,6 +7,7 @@ nothing), hands token ids to the engine, and detokenizes the results back in inp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -81,8 +82,11 @@ class LLM:
         for line in report.splitlines():
             logger.info("%s", line)
         self._next_request_id = 0
-        if plan.size == 1:
-            self.engine = LLMEngine(self.config, self.spec, plan.plans[0])
+        if args.in_driver:
+            decode = functools.partial(
+                self.tokenizer.decode, skip_special_tokens=True
+            )  # counted in its ledger
+            self.engine = LLMEngine(self.config, self.spec, plan.plans[0], decode=decode)
             self._backend = self.engine
         else:
             logger.info("starting %d replicas (%s; above: the tightest replica)", plan.size, plan.describe())

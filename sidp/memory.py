@@ -248,12 +248,14 @@ def plan_memory(
     max_model_len: int | None = None,
     runtime: int = 0,
     decoder: int = 0,
+    driver: int = 0,
 ) -> MemoryPlan:
     """share: what this replica holds of a SiDP pool (None: the whole model, plain DP). device: where
     the replica computes ("cuda" when the planner sizes a GPU). max_model_len: the longest sequence
     (None: the model's limit), which sizes the rotary table and a prefill's gathered context. runtime,
-    decoder: what the process holds before its weights, and adds on its first stop string
-    (sidp.runtime_memory; 0 where the budget is a GPU's)."""
+    decoder: what the process holds before its weights, and adds on its first stop string; driver: the
+    driver's tokenizer, for a replica in the driver's process (sidp.runtime_memory; 0 where the budget is
+    a GPU's)."""
     weights = pooled_weights(spec, dtype, share, device) if share else weight_bytes(spec, dtype.itemsize)
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs, device)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
@@ -261,6 +263,7 @@ def plan_memory(
     overheads = {
         RUNTIME: runtime,
         "stop-string decoder (on first use)": decoder,
+        "the driver's tokenizer (same process)": driver,
         "rotary table": rotary_bytes(spec, dtype, longest, device),
     }
     held = sum(weights.values()) + sum(overheads.values())

@@ -1,6 +1,7 @@
 """What a replica process holds beyond its ledger's arithmetic, measured once by a fresh process and
 cached, so that the memory ledger can count it: the runtime it holds before its first weight (Python,
-torch and its libraries, sidp's CPU kernels), and the decoder it loads on its first stop string.
+torch and its libraries, sidp's CPU kernels), the decoder it loads on its first stop string, and, for a
+replica in the driver's process, the driver's tokenizer.
 
 Each figure is a resident set, every page counted in full: a replica's PSS (the measure `sidp bench`
 checks it against) counts its share of pages mapped by k processes as 1/k, which is less, and the resident
@@ -44,13 +45,26 @@ def decoder_bytes(model: str, device: str) -> int:
     """What a replica on `device` adds when it loads its stop-string decoder for `model` (0 for a GPU)."""
     if device != "cpu":
         return 0
+    return _cached(f"decoder-{_tokenizer_digest(model)}", ["--decoder", model])
+
+
+@functools.cache
+def tokenizer_bytes(model: str, device: str) -> int:
+    """What the driver's tokenizer for `model` adds to a process (transformers with it): counted for a
+    replica that runs in the driver's process (0 for a GPU)."""
+    if device != "cpu":
+        return 0
+    return _cached(f"tokenizer-{_tokenizer_digest(model)}", ["--tokenizer", model])
+
+
+def _tokenizer_digest(model: str) -> str:
     path = Path(model).expanduser()
     files = [path] if path.is_file() else [path / "tokenizer.json", path / "tokenizer_config.json"]
     digest = hashlib.sha256()
     for file in files:
         if file.is_file():
             digest.update(file.read_bytes())
-    return _cached(f"decoder-{digest.hexdigest()[:16]}", ["--decoder", str(path)])
+    return digest.hexdigest()[:16]
 
 
 def _cached(name: str, argv: list[str]) -> int:
@@ -79,7 +93,12 @@ def _cache_folder() -> Path:
 def _measure(argv: list[str]) -> int:
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "sidp.runtime_memory", *argv],
+            [
+                sys.executable,
+                "-c",
+                "import sys; from sidp.runtime_memory import main; main(sys.argv[1:])",
+                *argv,
+            ],
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT_S,
@@ -120,10 +139,26 @@ def _probe_decoder(model: str) -> int:
     return _rss() - before
 
 
-if __name__ == "__main__":
+def _probe_tokenizer(model: str) -> int:
+    """What loading the driver's tokenizer adds to this process, once it has encoded and decoded."""
+    from sidp.model.checkpoint import load_tokenizer
+
+    before = _rss()
+    tokenizer = load_tokenizer(model)
+    tokenizer.decode(tokenizer.encode("a"))
+    return _rss() - before
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The probe's entry: prints one figure in bytes."""
     parser = argparse.ArgumentParser(description="Measure what a replica holds (sidp's memory ledger).")
-    parser.add_argument(
-        "--decoder", metavar="MODEL", help="the stop-string decoder of MODEL, not the runtime"
-    )
-    args = parser.parse_args()
-    print(_probe_decoder(args.decoder) if args.decoder else _probe_runtime())
+    probed = parser.add_mutually_exclusive_group()
+    probed.add_argument("--decoder", metavar="MODEL", help="the stop-string decoder of MODEL")
+    probed.add_argument("--tokenizer", metavar="MODEL", help="the driver's tokenizer of MODEL")
+    args = parser.parse_args(argv)
+    if args.decoder:
+        print(_probe_decoder(args.decoder))
+    elif args.tokenizer:
+        print(_probe_tokenizer(args.tokenizer))
+    else:
+        print(_probe_runtime())

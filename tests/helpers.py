@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sidp.errors import DoesNotFit
 from sidp.memory import PoolShare, parse_bytes, plan_memory
 from sidp.model.checkpoint import read_config
 from sidp.model.spec import ModelSpec
-from sidp.runtime_memory import decoder_bytes, runtime_bytes
+from sidp.runtime_memory import decoder_bytes, runtime_bytes, tokenizer_bytes
 
 
 @functools.cache
@@ -46,15 +47,18 @@ def budget_for_blocks(
     max_num_seqs: int = 256,
     shares: list[PoolShare] | None = None,
     max_model_len: int | None = None,
+    in_driver: bool = True,
 ) -> int:
     """The smallest memory_per_replica that leaves num_blocks KV blocks in the ledger (in the tightest
-    replica of a SiDP group, given each replica's share of the pool); for 0, the largest that leaves none."""
+    replica of a SiDP group, given each replica's share of the pool); for 0, the largest that leaves none.
+    in_driver: a lone replica in the driver's process (else replicas in processes of their own)."""
     spec = ModelSpec.from_hf_config(read_config(path))
     limits = (block_size, max_num_batched_tokens, max_num_seqs)
     extra = {
         "max_model_len": max_model_len,
         "runtime": runtime_bytes("cpu"),
-        "decoder": decoder_bytes(str(path), "cpu"),
+        "decoder": 0 if in_driver else decoder_bytes(str(path), "cpu"),
+        "driver": tokenizer_bytes(str(path), "cpu") if in_driver else 0,
     }
 
     def blocks(budget: int) -> int:
@@ -75,8 +79,17 @@ def budget_for_blocks(
 
 
 def over_runtime(size: str) -> str:
-    """A memory_per_replica of `size` beyond what a replica's runtime takes (sidp.runtime_memory)."""
-    return str(runtime_bytes("cpu") + parse_bytes(size))
+    """A memory_per_replica of `size` beyond what a replica's runtime takes, and (for a lone replica, in
+    the driver's process) the driver's tokenizer of the tests' models (sidp.runtime_memory)."""
+    return str(runtime_bytes("cpu") + _tiny_tokenizer_bytes() + parse_bytes(size))
+
+
+@functools.cache
+def _tiny_tokenizer_bytes() -> int:
+    from conftest import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as folder:  # the tests' models all share one tokenizer
+        return tokenizer_bytes(str(build_tiny_model(Path(folder), "llama", False)), "cpu")
 
 
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 256) -> list[list[int]]:

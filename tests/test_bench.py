@@ -249,7 +249,7 @@ def test_memory_sweep_records_every_budget_and_config_and_draws_the_plot(tiny_mo
     model = tiny_model("llama")
     # Exactly what plain DP needs before its first KV block: dp cannot start, while map, holding half the
     # MLP weights, can. Then a roomy budget where both start.
-    tight = budget_for_blocks(model, 0)
+    tight = budget_for_blocks(model, 0, in_driver=False)  # the bench runs every replica in a process
     roomy = over_runtime("64MiB")
     out = tmp_path / "sweep.json"
     args = bench_args(

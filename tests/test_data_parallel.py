@@ -30,7 +30,13 @@ def group(path, size, sharing, mode, blocks=6, parts="mlp", placement="round_rob
         layout = Placement.build(read_config(path)["num_hidden_layers"], size, placement)
         shares = [pool_share(layout, rank, parse_parts(parts), mode, 2) for rank in range(size)]
     budget = budget_for_blocks(
-        path, blocks, max_num_batched_tokens=32, max_num_seqs=3, shares=shares, max_model_len=blocks * 16
+        path,
+        blocks,
+        max_num_batched_tokens=32,
+        max_num_seqs=3,
+        shares=shares,
+        max_model_len=blocks * 16,
+        in_driver=size == 1,
     )
     return LLM(
         path,

@@ -24,7 +24,7 @@ def test_the_command_line_defaults_are_engine_args_defaults():
     assert engine_args_from(bench) == EngineArgs(dtype="bfloat16")
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
     missing = {f.name for f in dataclasses.fields(EngineArgs)} - flags - {"data_parallel_size"}
-    assert missing == {"block_size", "mode_probe_every"}  # not user flags (bench has --probe-every)
+    assert missing == {"block_size", "mode_probe_every", "replica_process"}  # bench sets the last two
 
 
 def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model):

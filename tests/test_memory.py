@@ -93,7 +93,10 @@ def test_what_a_replica_holds_beyond_the_arithmetic_is_measured_once_and_counted
     llm = LLM(tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("32MiB"))
     rows = llm.engine.plan.overheads
     assert rows[memory.RUNTIME] == runtime_memory.runtime_bytes("cpu") > 100 * 2**20  # torch alone is more
-    assert 0 < rows["stop-string decoder (on first use)"] < 64 * 2**20
+    # in the driver's process the replica decodes stop strings with the driver's tokenizer, counted
+    assert rows["the driver's tokenizer (same process)"] > 0 == rows["stop-string decoder (on first use)"]
+    alone = runtime_memory.decoder_bytes(str(tiny_model("llama")), "cpu")
+    assert 0 < alone < rows["the driver's tokenizer (same process)"]  # what a replica of a group loads
     monkeypatch.setattr(runtime_memory, "_cache_folder", lambda: tmp_path)
     measured = runtime_memory._cached("runtime", [])  # an empty cache: a fresh process measures
     assert 100 * 2**20 < measured < 2**30

@@ -31,7 +31,7 @@ from sidp.bench.report import (
     print_side_by_side,
     workload_stats,
 )
-from sidp.bench.resident import PeakPss, pss_bytes
+from sidp.bench.resident import PeakPss
 from sidp.bench.workload import (
     SHAPES,
     Request,
@@ -44,7 +44,6 @@ from sidp.bench.workload import (
 from sidp.config import resolve_dtype
 from sidp.engine_args import add_engine_arguments, llm_from_args
 from sidp.errors import DoesNotFit, SidpError
-from sidp.memory import RUNTIME
 from sidp.model.checkpoint import load_tokenizer, read_config
 from sidp.model.spec import ModelSpec
 from sidp.plan.calibration import Predictor, calibration_report, device_from_report
@@ -246,7 +245,6 @@ def run_configs(
             if run_peer and label == args.peer:
                 runs[label].append(run_peer())
                 continue
-            before = pss_bytes(os.getpid())  # for a replica in this process: what was here already
             try:
                 llm = _start(args, label, requests)
             except DoesNotFit as error:  # any other error at start-up is not the budget's
@@ -255,7 +253,7 @@ def run_configs(
                 misfits[label] = str(error)
                 print(f"{heading}{label}: does not fit: {error}")
                 continue
-            runs[label].append(run_sidp(llm, requests, warmup, label, before))
+            runs[label].append(run_sidp(llm, requests, warmup, label))
             if predict and round_ == args.rounds - 1:  # the same every round; the last is the one kept
                 runs[label][-1]["predicted"] = predict(llm, requests)
             line = throughput_line(runs[label][-1])
@@ -272,8 +270,9 @@ def run_configs(
 
 
 def _start(args: argparse.Namespace, label: str, requests: list[Request]):
-    """The LLM of one configuration, once it is known to hold the workload's longest request."""
-    llm = llm_from_args(args, **config_arguments(label))
+    """The LLM of one configuration, once it is known to hold the workload's longest request. Each replica,
+    a lone one too, runs in a process of its own, whose memory is measured apart from the bench's."""
+    llm = llm_from_args(args, replica_process=True, **config_arguments(label))
     try:
         _check_fits(requests, llm.max_model_len)
     except SidpError:
@@ -356,11 +355,8 @@ def run_baseline(
     return hf
 
 
-def run_sidp(
-    llm, requests: list[Request], warmup: list[Request], label: str, pss_before: int | None = None
-) -> dict:
-    """Warm up, then time one `generate` over the whole workload (counters cover only that).
-    pss_before: this process's PSS before the LLM started, for a replica that runs in it (see below)."""
+def run_sidp(llm, requests: list[Request], warmup: list[Request], label: str) -> dict:
+    """Warm up, then time one `generate` over the whole workload (counters cover only that)."""
     from sidp.sampling_params import SamplingParams
 
     def generate(reqs: list[Request]) -> list:
@@ -386,11 +382,6 @@ def run_sidp(
             )
     after = llm.replica_counters()
     counters = totals(before, after)
-    peak_pss = peaks.pss
-    if llm.replica_pids() == [os.getpid()] and pss_before is not None and peak_pss[0] is not None:
-        # This process also holds the bench (tokenizer, workload, transformers): count what the replica
-        # added to it, plus the runtime its ledger counts, as if the replica ran alone.
-        peak_pss = [peak_pss[0] - pss_before + llm.plans[0].overheads.get(RUNTIME, 0)]
     result = {
         "engine": "sidp",
         "label": label,
@@ -402,8 +393,7 @@ def run_sidp(
         "kv_cache_tokens": min(plan.kv_tokens for plan in llm.plans),  # per replica, the tightest
         "kv_cache_tokens_by_replica": [plan.kv_tokens for plan in llm.plans],
         "memory_per_replica_by_replica": [plan.budget for plan in llm.plans],
-        "peak_pss_by_replica": peak_pss,  # sampled; see sidp/bench/resident.py
-        "replica_in_bench_process": llm.replica_pids() == [os.getpid()],
+        "peak_pss_by_replica": peaks.pss,  # sampled; see sidp/bench/resident.py
         "peak_rss_by_replica": peaks.rss,
         "num_steps": counters["steps"],
         "num_preemptions": counters["preemptions"],

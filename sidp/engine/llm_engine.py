@@ -50,9 +50,11 @@ class LLMEngine:
         plan: MemoryPlan,
         pool: WeightPool | None = None,
         runner: StepRunner | None = None,
+        decode: Callable[[list[int]], str] | None = None,
     ):
         """runner: what runs a scheduled step; by default the decoder on config.model. The planner
-        passes its step-time model instead, so its predictions come from this very scheduler."""
+        passes its step-time model instead, so its predictions come from this very scheduler.
+        decode: token ids → text for stop strings (by default the model's, loaded on first use)."""
         self.config = config
         self.plan = plan
         if runner is None:
@@ -68,7 +70,7 @@ class LLMEngine:
             )
             runner = ModelRunner(model, plan.num_blocks, config.block_size, config.dtype, config.device)
         self.runner = runner
-        self._decode = None  # loaded when a request first asks for stop strings
+        self._decode = decode  # else loaded when a request first asks for stop strings
         blocks = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_steps = 0
