@@ -89,7 +89,12 @@ class LLM:
             self.engine = LLMEngine(self.config, self.spec, plan.plans[0], decode=decode)
             self._backend = self.engine
         else:
-            logger.info("starting %d replicas (%s; above: the tightest replica)", plan.size, plan.describe())
+            logger.info(
+                "starting %d replica%s (%s; above: the tightest replica)",
+                plan.size,
+                "s" if plan.size > 1 else "",
+                plan.describe(),
+            )
             self._backend = ReplicaGroup(self.config, self.spec, self.plans)
 
     def _eos_token_ids(self) -> tuple[int, ...]:

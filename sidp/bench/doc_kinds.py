@@ -230,27 +230,34 @@ def predict(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
 
 
 def memory(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
-    """What each replica process held (peak PSS, sampled; VmHWM, the kernel's peak RSS) against its budget."""
+    """What each replica process held (peak PSS, sampled; VmHWM, the kernel's peak RSS) against its budget,
+    a row per configuration of each JSON."""
 
     def mib(values: list[int | None]) -> str:
         return ", ".join("-" if v is None else f"{v / 2**20:.0f}" for v in values) + " MiB"
 
     rows = []
-    for r in only(sidp_results(docs[0]), options):
-        budgets, peaks = r["memory_per_replica_by_replica"], r["peak_pss_by_replica"]
-        worst = max((p / b for p, b in zip(peaks, budgets, strict=True) if p is not None), default=None)
-        rows.append(
-            [
-                r["label"],
-                f"{max(budgets) / 2**20:.0f} MiB",
-                kv_tokens(r),
-                mib(peaks),
-                times(worst),
-                mib(r.get("peak_rss_by_replica", [])),
-            ]
-        )
-    head = "config | budget | KV tokens / replica | peak PSS by replica | PSS / budget | VmHWM by replica"
-    return table(head, rows, "lrrrrr")
+    for doc in docs:
+        for r in only(sidp_results(doc), options):
+            budgets, peaks = r["memory_per_replica_by_replica"], r["peak_pss_by_replica"]
+            worst = max((p / b for p, b in zip(peaks, budgets, strict=True) if p is not None), default=None)
+            rows.append(
+                [
+                    str(doc["config"]["dp"]),
+                    r["label"],
+                    f"{max(budgets) / 2**20:.0f} MiB",
+                    kv_tokens(r),
+                    str(r["num_preemptions"]),
+                    mib(peaks),
+                    times(worst),
+                    mib(r.get("peak_rss_by_replica", [])),
+                ]
+            )
+    head = (
+        "N | config | budget | KV tokens / replica | preemptions | peak PSS by replica | PSS / budget "
+        "| VmHWM by replica"
+    )
+    return table(head, rows, "rlrrrrrr")
 
 
 Renderer = Callable[[list[str], list[dict], dict[str, str]], str]

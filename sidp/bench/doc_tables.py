@@ -19,14 +19,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sidp.bench import doc_kinds, doc_kinds_paper, doc_kinds_plan, doc_kinds_scripts
+from sidp.bench import (
+    doc_kinds,
+    doc_kinds_calibration,
+    doc_kinds_paper,
+    doc_kinds_plan,
+    doc_kinds_scripts,
+    doc_kinds_vllm,
+)
 from sidp.machine import flags_text
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/BENCHMARKS.md", "docs/RELIABILITY.md")
 BEGIN = re.compile(r"<!-- table (\S+)((?: \S+)*) -->")
 END = "<!-- end table -->"
-KINDS = {**doc_kinds.KINDS, **doc_kinds_scripts.KINDS, **doc_kinds_plan.KINDS, **doc_kinds_paper.KINDS}
+KINDS = {
+    **doc_kinds.KINDS,
+    **doc_kinds_scripts.KINDS,
+    **doc_kinds_plan.KINDS,
+    **doc_kinds_paper.KINDS,
+    **doc_kinds_calibration.KINDS,
+    **doc_kinds_vllm.KINDS,
+}
 HOME = re.compile(r"(?:/root|/home/[^/\s]+)(?=/)")  # a machine's home folder, never written into the repo
 
 
