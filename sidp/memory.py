@@ -2,8 +2,9 @@
 
 The ledger is a budget: its rows are upper estimates of what a replica process holds, so that the process
 stays within `memory_per_replica` (`sidp bench` measures each replica's peak PSS beside it). The runtime
-(Python, torch, the kernels) is measured once per install by a fresh process (sidp/runtime_memory.py);
-every other row is arithmetic on the model spec, known before a single weight is read. The machine enters
+(Python, torch, the kernels), the stop-string decoder and, for a replica in the driver's process, the
+driver's tokenizer are measured once per install by a fresh process (sidp/runtime_memory.py); every
+other row is arithmetic on the model spec, known before a single weight is read. The machine enters
 in two more places: the compute dtype (float32 where the CPU cannot multiply bf16 natively), and the packed
 copy of a tied LM head (only where it can). The workspace counts the activations that the largest step
 keeps alive at once (one layer's worth, since layers run one after another).
@@ -159,7 +160,7 @@ class MemoryPlan:
     block_size: int
     block_bytes: int
     num_blocks: int
-    overheads: dict[str, int] = field(default_factory=dict)  # runtime, rotary table, prefix gather
+    overheads: dict[str, int] = field(default_factory=dict)  # runtime, tokenizers, rotary, prefix gather
 
     @property
     def weight_total(self) -> int:
