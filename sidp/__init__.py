@@ -2,7 +2,7 @@
 
 from sidp.model.cpu_kernels import cap_onednn
 
-cap_onednn()  # SIDP_CPU_ISA, when set, caps oneDNN too; it must come before oneDNN's first product
+cap_onednn()  # bounds oneDNN (its cache; with SIDP_CPU_ISA, its path) before its first product
 
 from sidp.engine_args import EngineArgs  # noqa: E402
 from sidp.errors import SidpError  # noqa: E402

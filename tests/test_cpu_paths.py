@@ -85,3 +85,17 @@ def test_a_path_the_cpu_lacks_is_refused(monkeypatch):
     monkeypatch.setenv("SIDP_CPU_ISA", "sse9")
     with pytest.raises(SidpError, match="not a CPU path"):
         cpu_kernels.chosen_path()
+
+
+def test_importing_sidp_bounds_onednns_primitive_cache_unless_the_user_did():
+    show = "import os, sidp; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+
+    def capacity(env: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert capacity(env) == cpu_kernels.ONEDNN_PRIMITIVES
+    assert capacity({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}) == "512"

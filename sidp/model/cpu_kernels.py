@@ -72,9 +72,17 @@ def chosen_path() -> str:
     return paths[0] if paths else "native"
 
 
+# oneDNN keeps a primitive, with its buffers, for every row count a product meets, 1024 by default: a
+# long run of one replica grew 160 MiB past its budget that way (docs/BENCHMARKS.md). A step needs a
+# handful (one per weight shape), and 64 ran as fast as the default.
+ONEDNN_PRIMITIVES = "64"
+
+
 def cap_onednn() -> None:
-    """With SIDP_CPU_ISA set, caps oneDNN at that path too (before its first use; a cap the user set
-    wins). Without it, oneDNN keeps its own choice, which is the best path already."""
+    """Bounds oneDNN's primitive cache, and with SIDP_CPU_ISA set, caps oneDNN at that path too (before
+    its first use; what the user set wins). Without it, oneDNN keeps its own choice of instructions,
+    which is the best path already."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVES)
     if os.environ.get("SIDP_CPU_ISA"):
         cap = PATHS[chosen_path()][2]
         if cap:
