@@ -84,6 +84,15 @@ def over_runtime(size: str) -> str:
     return str(runtime_bytes("cpu") + _tiny_tokenizer_bytes() + parse_bytes(size))
 
 
+def cli_engine_args(model: str) -> list[str]:
+    """The CLI flags of a one-replica float32 run of a test model, beyond its runtime."""
+    return ["--model", model, "--dtype", "float32", "--memory-per-replica", over_runtime("64MiB")] + [
+        "--quiet",
+        "--dp",
+        "1",
+    ]
+
+
 @functools.cache
 def _tiny_tokenizer_bytes() -> int:
     from conftest import build_tiny_model

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from helpers import new_shm_entries, over_runtime, shm_entries
+from helpers import cli_engine_args as engine_args
+from helpers import new_shm_entries, shm_entries
 
 from sidp.batch.formats import content_id
 from sidp.batch.output import OutputFile
@@ -23,20 +24,6 @@ CHAT = [{"role": "user", "content": "hello there"}]
 @pytest.fixture(scope="module")
 def model(tiny_model):
     return str(tiny_model("llama"))
-
-
-def engine_args(model: str) -> list[str]:
-    return [
-        "--model",
-        model,
-        "--dtype",
-        "float32",
-        "--memory-per-replica",
-        over_runtime("64MiB"),
-        "--quiet",
-        "--dp",
-        "1",
-    ]
 
 
 def openai_line(custom_id: str, chat: bool = True, **body) -> dict:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import over_runtime
+from helpers import cli_engine_args as engine_args
 from transformers import AutoModelForCausalLM
 
 from sidp.batch.formats import content_id
@@ -18,20 +18,6 @@ from sidp.cli import main
 @pytest.fixture(scope="module")
 def model(tiny_model):
     return str(tiny_model("llama"))
-
-
-def engine_args(model: str) -> list[str]:
-    return [
-        "--model",
-        model,
-        "--dtype",
-        "float32",
-        "--memory-per-replica",
-        over_runtime("64MiB"),
-        "--quiet",
-        "--dp",
-        "1",
-    ]
 
 
 def test_generate_prompts(model, capsys):
