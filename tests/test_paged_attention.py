@@ -20,7 +20,8 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 @pytest.fixture(params=cpu_kernels.supported_paths())
 def kernel(request):
-    """The op of one path: AVX512-BF16 paths take bf16 dot products straight from the cache, others widen."""
+    """The op of one path: the AMX path multiplies bf16 on tiles, AVX512-BF16 takes bf16 dot products
+    straight from the cache, others widen."""
     return cpu_kernels.ops(request.param).paged_decode_attention
 
 
@@ -107,12 +108,20 @@ def test_reference_matches_sdpa():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "heads, head_dim, block_size",
-    [((8, 2), 128, 16), ((5, 5), 40, 8), ((6, 2), 80, 24), ((14, 2), 64, 16)],
-    ids=["llama-like", "dim40-block8", "dim80-block24", "group7"],
+    [
+        ((8, 2), 128, 16),
+        ((5, 5), 40, 8),
+        ((6, 2), 80, 24),
+        ((14, 2), 64, 16),
+        ((6, 2), 96, 24),
+        ((17, 1), 32, 16),
+    ],
+    ids=["llama-like", "dim40-block8", "dim80-block24", "group7", "dim96-block24", "group17"],
 )
 def test_other_shapes(kernel, dtype, heads, head_dim, block_size):
-    """head_dim not a multiple of the vector width (nor, for bf16 dot products, of 32), block sizes that
-    split into uneven runs of 16 tokens, and a group larger than the four heads summed at once."""
+    """head_dim not a multiple of the vector width (nor, for bf16 dot products and tiles, of 32), block
+    sizes that split 16 tokens across blocks, a head_dim that fills 64-dim tiles unevenly, a group larger
+    than the four heads summed at once, and one larger than a tile's 16 rows (the AMX path hands it on)."""
     problem = make_problem(lengths(11, block_size), *heads, head_dim, block_size, dtype, seed=3)
     rtol = RTOL[dtype]
     torch.testing.assert_close(kernel(*problem).float(), sdpa_unpaged(*problem), rtol=rtol, atol=1e-5)

@@ -4,7 +4,8 @@
 // Written against PyTorch's stable C ABI (torch/csrc/stable), whose headers compile in about a second
 // where <torch/extension.h> takes over twenty. The arithmetic uses GCC/Clang vector extensions, which
 // the compiler maps onto whatever -march offers (zmm, ymm or NEON registers), and x86 intrinsics for what
-// those cannot say: fused multiply-adds, and bf16 dot products on CPUs with AVX512-BF16.
+// those cannot say: fused multiply-adds, and bf16 dot products on CPUs with AVX512-BF16. On CPUs with AMX,
+// bf16 runs on tiles instead (paged_attention_amx.h).
 
 #include "exp_nonpositive.h"
 #include "library.h"
@@ -359,21 +360,42 @@ void attend(const Problem& p, const Task& task, Scratch& s) {
     for (int64_t d = 0; d < D; ++d) L::store(s.acc[h * W + d] * s.inv_sum[h], out + h * D + d);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include "paged_attention_amx.h"
+
+// Whether bf16 attention can run on AMX tiles here: 16 query heads per KV head at most, head_dim in pairs
+// of tile rows, and tiles the OS lets this process use.
+inline bool on_amx(const Problem& p) {
+  return p.num_heads / p.num_kv_heads <= kTile && p.head_dim % 32 == 0 && amx_allowed();
+}
+#else
+struct AmxScratch {
+  AmxScratch(int64_t, int64_t) {}
+};
+inline bool on_amx(const Problem&) { return false; }
+inline void attend_amx(const Problem&, const Task&, Scratch&, AmxScratch&) {}
+#endif
+
 template <typename L>
 void run(const Problem& p, int64_t batch, int64_t max_len) {
   const int64_t threads = torch::stable::get_num_threads();
   // A task walks its sequence's blocks once for all KV heads, reading each block's rows as one run. With
   // too few sequences to keep every thread busy, each KV head is a task of its own.
   const int64_t splits = batch < 4 * threads ? p.num_kv_heads : 1, tasks = batch * splits;
+  const bool amx = std::is_same_v<L, BF16> && on_amx(p);
   // Threads take tasks in turn, so that one slowed down (a long context, a busy core) holds up no other.
   // No exception may leave this callback (it crosses a C ABI).
   std::atomic<int64_t> next{0};
   torch::stable::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     Scratch scratch(p.num_heads, p.head_dim, max_len);
+    AmxScratch tiles(amx ? max_len : 0, amx ? p.head_dim : 0);
     for (int64_t i = next++; i < tasks; i = next++) {
       const int64_t part = i % splits;
-      attend<L>(p, Task{i / splits, part * p.num_kv_heads / splits, (part + 1) * p.num_kv_heads / splits},
-                scratch);
+      const Task task{i / splits, part * p.num_kv_heads / splits, (part + 1) * p.num_kv_heads / splits};
+      if (amx)
+        attend_amx(p, task, scratch, tiles);
+      else
+        attend<L>(p, task, scratch);
     }
   });
 }
