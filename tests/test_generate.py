@@ -76,3 +76,23 @@ def test_prefix_caching_off_caches_nothing(tiny_model):
     llm = LLM(path, dtype="float32", memory_per_replica=over_runtime("64MiB"), enable_prefix_caching=False)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all(o.num_cached_tokens == 0 for o in outputs)
+
+
+def test_engine_asks_for_a_steps_worth_of_requests(tiny_model):
+    """A replica asks for requests until what it holds fills its next step's token budget, so one step
+    starts several prompts; never while a request waits for KV blocks."""
+    path = tiny_model("llama")
+    budget = budget_for_blocks(path, 4, max_num_batched_tokens=64, max_model_len=64)
+    llm = LLM(path, dtype="float32", memory_per_replica=budget, max_num_batched_tokens=64, max_model_len=64)
+    engine = llm.engine
+    assert engine.plan.num_blocks == 4
+    prompts = random_prompts([20, 20, 20, 20, 20])
+    held = 0
+    while engine.wants_requests():
+        engine.add_request(held, prompts[held], GREEDY)
+        held += 1
+    assert held == 4  # 60 tokens held are under the 64 of a step; 80 are not
+    engine.step()
+    # Two prompts started in one step; the third found no free block (each takes 2 of the 4).
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 2
+    assert not engine.wants_requests()

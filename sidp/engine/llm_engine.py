@@ -98,9 +98,15 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def wants_requests(self) -> bool:
-        """Room for another request: everything held is placed and a sequence slot is free."""
-        scheduler = self.scheduler
-        return not scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs
+        """Room for another request: a sequence slot is free, nothing waits for KV room, and what is held
+        does not yet fill the next step's token budget, so one step can start several prompts."""
+        s = self.scheduler
+        if s.short_of_blocks or len(s.running) + len(s.waiting) >= s.max_num_seqs:
+            return False
+        held = sum(seq.num_uncomputed_tokens for seq in s.running) + sum(
+            seq.num_uncomputed_tokens for seq in s.waiting
+        )
+        return held < s.max_num_batched_tokens
 
     def step(self) -> list[FinishedRequest]:
         """Run one step; return the requests that finished in it."""

@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.short_of_blocks = False  # the last step preempted, or left a request waiting for KV blocks
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -55,7 +56,8 @@ class Scheduler:
                 step.num_new_tokens.append(n)
                 budget -= n
                 index += 1
-        if step.num_preempted == 0:
+        self.short_of_blocks = step.num_preempted > 0
+        if not self.short_of_blocks:
             self._admit_waiting(step, budget)
         return step
 
@@ -75,6 +77,7 @@ class Scheduler:
             hits = self.block_manager.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
             if not self.block_manager.can_admit(seq, hits, n):
+                self.short_of_blocks = True
                 break
             self.waiting.popleft()
             self.block_manager.admit(seq, hits)
