@@ -3,9 +3,10 @@
 Replicas never wait for each other: each asks for another request only while what it holds would not fill
 its next step's token budget, and never while a request waits for KV room, so a replica holds at most a
 step's worth beyond what it runs and one short of KV room leaves the rest to the others. (Asking only once
-every held request was placed started one prompt per step.) The driver answers each ask with a request or "empty", and sends "wake" to a replica it told "empty" once it has requests
-again. Finished requests go straight back. One duplex pipe per replica carries all of it: a socket pair,
-which the kernel closes with either end's process, so neither side ever waits on one that has gone.
+every held request was placed started one prompt per step.) The driver answers each ask with a request
+or "empty", and sends "wake" to a replica it told "empty" once it has requests again. Finished requests go
+straight back. One duplex pipe per replica carries all of it: a socket pair, which the kernel closes with
+either end's process, so neither side ever waits on one that has gone.
 """
 
 from __future__ import annotations
