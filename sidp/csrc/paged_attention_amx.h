@@ -19,13 +19,21 @@ struct AmxScratch {
   std::vector<uint16_t> queries, keys, probs_hi, probs_lo, values, zeros;
   std::vector<float> tile, acc;
   AmxScratch(int64_t max_len, int64_t head_dim)
-      : rows(max_len), queries(head_dim / 32 * kTile * 32), keys(2 * kTile * head_dim), probs_hi(kTile * 32),
-        probs_lo(kTile * 32), values(4 * kTile * 32), zeros(head_dim), tile(2 * kTile * kTile), acc(kTile * 64) {}
+      : rows(max_len),
+        queries(head_dim / 32 * kTile * 32),
+        keys(2 * kTile * head_dim),
+        probs_hi(kTile * 32),
+        probs_lo(kTile * 32),
+        values(4 * kTile * 32),
+        zeros(head_dim),
+        tile(2 * kTile * kTile),
+        acc(kTile * 64) {}
 };
 
 // Linux gives a process AMX's tile registers only once it asks (oneDNN asks too; asking twice is fine).
 inline bool amx_allowed() {
-  static const bool allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  static const bool allowed =
+      syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return allowed;
 }
 
@@ -57,7 +65,8 @@ inline void prefetch_rows(const uint16_t* base, const int64_t* rows, int64_t cou
 // are one stretch of a block, else copied into `copy`. Returns the rows and their stride in bytes.
 inline std::pair<const uint16_t*, int64_t> key_rows(const uint16_t* k, const int64_t* rows, int64_t m,
                                                     int64_t D, int64_t row_stride, uint16_t* copy) {
-  if (m == kTile && rows[kTile - 1] == rows[0] + (kTile - 1) * row_stride) return {k + rows[0], row_stride * 2};
+  if (m == kTile && rows[kTile - 1] == rows[0] + (kTile - 1) * row_stride)
+    return {k + rows[0], row_stride * 2};
   for (int64_t t = 0; t < m; ++t) std::memcpy(copy + t * D, k + rows[t], D * 2);
   return {copy, D * 2};
 }
@@ -65,24 +74,29 @@ inline std::pair<const uint16_t*, int64_t> key_rows(const uint16_t* k, const int
 // scores[h][t] = scale * (q_h . k_t) for the query heads h of KV head kvh, 32 tokens at a time: tiles 0
 // and 1 accumulate 16 tokens by 16 heads each, from 16 tokens' keys (32 dims) in tiles 2 and 3 and the
 // queries in pairs of dims in tile 4. Two independent products per step keep the tile unit busy.
-inline void amx_scores(const Problem& p, AmxScratch& a, Scratch& s, const uint16_t* q, int64_t kvh, int64_t n) {
+inline void amx_scores(const Problem& p, AmxScratch& a, Scratch& s, const uint16_t* q, int64_t kvh,
+                       int64_t n) {
   const int64_t D = p.head_dim, G = p.num_heads / p.num_kv_heads, row_stride = p.num_kv_heads * D;
   const uint16_t* k = static_cast<const uint16_t*>(p.k) + kvh * D;
   uint16_t* packed = a.queries.data();
   std::fill(a.queries.begin(), a.queries.end(), 0);
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) packed[d / 32 * 512 + d % 32 / 2 * 32 + g * 2 + d % 2] = q[(kvh * G + g) * D + d];
+    for (int64_t d = 0; d < D; ++d)
+      packed[d / 32 * 512 + d % 32 / 2 * 32 + g * 2 + d % 2] = q[(kvh * G + g) * D + d];
   // Lane t of a gather reads row t of a stored 16x16 float tile.
-  const __m512i row = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+  const __m512i row =
+      _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
   for (int64_t t0 = 0; t0 < n; t0 += 2 * kTile) {
     const int64_t* rows = a.rows.data() + t0;
-    if (t0 + 2 * kTile < n) prefetch_rows(k, rows + 2 * kTile, std::min(2 * kTile, n - t0 - 2 * kTile), D * 2);
-    const auto [first, first_stride] = key_rows(k, rows, std::min(kTile, n - t0), D, row_stride, a.keys.data());
+    if (t0 + 2 * kTile < n)
+      prefetch_rows(k, rows + 2 * kTile, std::min(2 * kTile, n - t0 - 2 * kTile), D * 2);
+    const auto [first, first_stride] =
+        key_rows(k, rows, std::min(kTile, n - t0), D, row_stride, a.keys.data());
     // Past the context, the second tile repeats the first; its scores land in the rows' slack.
-    const auto [second, second_stride] =
-        t0 + kTile < n ? key_rows(k, rows + kTile, std::min(kTile, n - t0 - kTile), D, row_stride,
-                                  a.keys.data() + kTile * D)
-                       : std::pair{first, first_stride};
+    const auto [second, second_stride] = t0 + kTile < n
+                                             ? key_rows(k, rows + kTile, std::min(kTile, n - t0 - kTile), D,
+                                                        row_stride, a.keys.data() + kTile * D)
+                                             : std::pair{first, first_stride};
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t c = 0; c < D; c += 32) {
@@ -107,8 +121,10 @@ inline void amx_scores(const Problem& p, AmxScratch& a, Scratch& s, const uint16
 inline void split_bf16(const float* x, uint16_t* hi, uint16_t* lo) {
   const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
   const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
-  const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-  const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+  const __m512 h0 =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+  const __m512 h1 =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
   _mm512_storeu_si512(hi, h);
   _mm512_storeu_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0)));
 }
@@ -133,7 +149,8 @@ inline void amx_values(const Problem& p, AmxScratch& a, Scratch& s, int64_t kvh,
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t t0 = 0; t0 < n32; t0 += 32) {
-      if (t0 + 32 < n) prefetch_rows(v + d0, a.rows.data() + t0 + 32, std::min<int64_t>(32, n - t0 - 32), width * 2);
+      if (t0 + 32 < n)
+        prefetch_rows(v + d0, a.rows.data() + t0 + 32, std::min<int64_t>(32, n - t0 - 32), width * 2);
       for (int64_t g = 0; g < G; ++g)
         split_bf16(s.scores.data() + (kvh * G + g) * s.len_stride + t0, a.probs_hi.data() + g * 32,
                    a.probs_lo.data() + g * 32);
@@ -143,18 +160,20 @@ inline void amx_values(const Problem& p, AmxScratch& a, Scratch& s, int64_t kvh,
         const uint16_t* vb = tb < n ? v + a.rows[tb] + d0 : a.zeros.data();
         for (int64_t c = 0; c < width; c += 32) {
           const __m512i x = _mm512_loadu_si512(va + c), y = _mm512_loadu_si512(vb + c);
-          _mm512_storeu_si512(a.values.data() + (c / 16 * kTile + r) * 32, _mm512_permutex2var_epi16(x, low, y));
-          _mm512_storeu_si512(a.values.data() + ((c / 16 + 1) * kTile + r) * 32, _mm512_permutex2var_epi16(x, high, y));
+          _mm512_storeu_si512(a.values.data() + (c / 16 * kTile + r) * 32,
+                              _mm512_permutex2var_epi16(x, low, y));
+          _mm512_storeu_si512(a.values.data() + ((c / 16 + 1) * kTile + r) * 32,
+                              _mm512_permutex2var_epi16(x, high, y));
         }
       }
       _tile_loadd(4, a.probs_hi.data(), 64);
       _tile_loadd(5, a.probs_lo.data(), 64);
       const uint16_t* packed = a.values.data();
-#define SIDP_DIMS16(j)                         \
-  if (width > 16 * (j)) {                      \
-    _tile_loadd(6, packed + (j) * 512, 64);    \
-    _tile_dpbf16ps(j, 4, 6);                   \
-    _tile_dpbf16ps(j, 5, 6);                   \
+#define SIDP_DIMS16(j)                      \
+  if (width > 16 * (j)) {                   \
+    _tile_loadd(6, packed + (j) * 512, 64); \
+    _tile_dpbf16ps(j, 4, 6);                \
+    _tile_dpbf16ps(j, 5, 6);                \
   }
       SIDP_DIMS16(0) SIDP_DIMS16(1) SIDP_DIMS16(2) SIDP_DIMS16(3)
 #undef SIDP_DIMS16
