@@ -20,12 +20,14 @@ from sidp.model import cpu_kernels
 RUN = """
 import json, sys, torch
 from sidp import LLM, SamplingParams
-from sidp.runtime_memory import runtime_bytes
+from sidp.runtime_memory import runtime_bytes, tokenizer_bytes
 path, prompts = sys.argv[1], json.loads(sys.argv[2])
 params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 out = {"onednn_cap": __import__("os").environ.get("ONEDNN_MAX_CPU_ISA")}
 for dtype in ("float32", "bfloat16"):
-    llm = LLM(path, dtype=dtype, memory_per_replica=runtime_bytes("cpu") + 64 * 2**20)
+    # The replica runs in this process, beside the driver's tokenizer: both are counted.
+    budget = runtime_bytes("cpu") + tokenizer_bytes(path, "cpu") + 64 * 2**20
+    llm = LLM(path, dtype=dtype, memory_per_replica=budget)
     out[dtype] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     out[dtype + "_computes_in"] = str(llm.engine.runner.model.compute_dtype)
 print(json.dumps(out))
