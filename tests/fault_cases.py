@@ -30,14 +30,16 @@ _started: list[subprocess.Popen] = []  # drivers of the running case, killed wha
 DRIVER = """
 import json, sys, time
 from sidp import LLM, SamplingParams
-from sidp.runtime_memory import runtime_bytes
+from sidp.runtime_memory import runtime_bytes, tokenizer_bytes
 
 def say(*words):
     print(*words, flush=True)
 
 if __name__ == "__main__":
     case = json.loads(sys.argv[1])
-    kwargs = dict(dtype="float32", memory_per_replica=runtime_bytes("cpu") + 64 * 2**20, max_num_seqs=2,
+    # A lone replica runs in this process, beside the driver's tokenizer: counted too.
+    budget = runtime_bytes("cpu") + tokenizer_bytes(case["model"], "cpu") + 64 * 2**20
+    kwargs = dict(dtype="float32", memory_per_replica=budget, max_num_seqs=2,
                   data_parallel_size=case["dp"], weight_sharing=case["sharing"])
     if case["mode"]:
         kwargs["sidp_mode"] = case["mode"]
