@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from sidp.bench.report import machine_info
+from sidp.bench.throughput import home_as_tilde
 from sidp.machine import cpu_model
 from sidp.model import cpu_kernels
 from sidp.model.paged_attention import paged_decode_attention_reference
@@ -103,6 +108,7 @@ def first_call_seconds(kernel) -> float:
 
 def main() -> None:
     args = parse_args()
+    loadavg_before = os.getloadavg()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = args.path or cpu_kernels.chosen_path()
@@ -137,8 +143,15 @@ def main() -> None:
         "layers": args.layers,
         "note": "kv_bytes counts K and V rows the step must read; *_ms is the median call",
     }
+    doc = {
+        "command": " ".join(["python", *(home_as_tilde(a) for a in sys.argv)]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(loadavg_before),
+        "meta": meta,
+        "results": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    args.out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -314,6 +314,7 @@ def test_memory_sweep_where_nothing_fits_says_so(tiny_model, tmp_path):
     )
     with pytest.raises(SidpError, match="No configuration could start at any budget.*cannot hold this model"):
         throughput.run(args)
+    assert not (tmp_path / "s.json").exists()  # checked writable at the start, not left empty
 
 
 def test_memory_sweep_stops_on_an_error_that_is_not_the_budgets(tiny_model, tmp_path):

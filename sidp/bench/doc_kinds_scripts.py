@@ -35,24 +35,27 @@ def profile_vs_peer(paths: list[str], docs: list[dict], options: dict[str, str])
 
 
 def attention(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
-    """benchmarks/attention_microbench.py: the paged decode kernel against the gather + bmm reference."""
+    """benchmarks/attention_microbench.py: the paged decode kernel of each run's CPU path against the
+    gather + bmm reference, with the K/V bytes it read per second."""
     rows = [
         [
+            d["meta"]["path"],
             r["dtype"],
             str(r["batch"]),
             str(r["context"]),
             f"{r['kernel_ms']:.3f} ({r['kernel_min_ms']:.3f})",
-            f"{r['reference_ms']:.3f} ({r['reference_min_ms']:.3f})",
-            times(r["speedup"]),
+            f"{r['kernel_gbps']:.1f}",
+            f"{r['reference_ms']:.3f} ({r['reference_min_ms']:.3f})" if "reference_ms" in r else "-",
+            times(r["speedup"]) if "speedup" in r else "-",
         ]
         for d in docs
         for r in d["results"]
     ]
     head = (
-        "dtype | batch | context | kernel ms, median (best) | gather + bmm reference ms, median (best) | "
-        "speed-up (medians)"
+        "path | dtype | batch | context | kernel ms, median (best) | K/V GB/s (median) | "
+        "gather + bmm reference ms, median (best) | speed-up (medians)"
     )
-    return table(head, rows, "lrrrrr")
+    return table(head, rows, "llrrrrrr")
 
 
 def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:

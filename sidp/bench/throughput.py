@@ -437,9 +437,13 @@ def _check_fits(requests: list[Request], max_model_len: int) -> None:
 
 
 def _prepare_out(path: Path) -> None:
+    """Fail now if `path` cannot be written, leaving no empty file behind for a run that fails later."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
         with path.open("a", encoding="utf-8"):
             pass
+        if not existed:
+            path.unlink()
     except OSError as error:
         raise SidpError(f"Cannot write --out {path}: {error.strerror}.") from None
