@@ -126,6 +126,9 @@ def stop_with_parent(parent: int, every_s: float = 0.5, grace_s: float = 15.0) -
             os.kill(os.getpid(), signal.SIGINT)
             return
         stop_group(group, grace_s, spare=os.getpid())
+        # The runner got the SIGINT too: its main thread shuts vLLM's engine down (and unlinks what it
+        # holds) unless killed first, so give it the same grace before leaving.
+        threading.main_thread().join(grace_s)
         os._exit(1)
 
     threading.Thread(target=watch, name="sidp-peer-lifeline", daemon=True).start()
