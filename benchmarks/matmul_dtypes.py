@@ -13,24 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sidp.bench.report import machine_info
+from sidp.bench.timing import median_ms
 from sidp.model.linear import compute_dtype, linear, native_matmul, packed
-
-
-def median_ms(fn, *args, repeats: int = 20) -> float:
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:

@@ -116,6 +116,7 @@ def time_matmuls(args: argparse.Namespace, rows=(1, 8, 32, 128), repeats: int = 
     import torch.nn.functional as F
     import vllm._custom_ops as ops
 
+    from sidp.bench.timing import median_ms
     from sidp.pool.transport import CpuTransport
 
     torch.set_num_threads(1)
@@ -132,9 +133,9 @@ def time_matmuls(args: argparse.Namespace, rows=(1, 8, 32, 128), repeats: int = 
             row = {
                 "matmul": name,
                 "rows": m,
-                "vllm_onednn_ms": _median_ms(repeats, ops.onednn_mm, handler, x, None),
-                "torch_linear_ms": _median_ms(repeats, F.linear, x, weight),
-                "torch_linear_shared_ms": _median_ms(repeats, F.linear, x, shared),
+                "vllm_onednn_ms": median_ms(ops.onednn_mm, handler, x, None, repeats=repeats),
+                "torch_linear_ms": median_ms(F.linear, x, weight, repeats=repeats),
+                "torch_linear_shared_ms": median_ms(F.linear, x, shared, repeats=repeats),
             }
             print(
                 "  ".join(
@@ -144,16 +145,6 @@ def time_matmuls(args: argparse.Namespace, rows=(1, 8, 32, 128), repeats: int = 
             )
             out.append(row)
     return out
-
-
-def _median_ms(repeats: int, fn, *args) -> float:
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def run_config(args: argparse.Namespace, folder: Path, sidp: bool) -> dict:

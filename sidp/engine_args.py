@@ -194,8 +194,7 @@ def replica_ledgers(
     fit); layout None: plain DP.
     limits: (block_size, max_num_batched_tokens, max_num_seqs); max_model_len, runtime, decoder, driver:
     as plan_memory takes them. Raises DoesNotFit where even SiDP cannot hold the model."""
-    extra = {"device": device, "max_model_len": max_model_len, "runtime": runtime}
-    extra.update(decoder=decoder, driver=driver)
+    extra = dict(device=device, max_model_len=max_model_len, runtime=runtime, decoder=decoder, driver=driver)
     try:
         plain = plan_memory(spec, dtype, budget, *limits, **extra)
     except SidpError:

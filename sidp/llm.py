@@ -83,9 +83,8 @@ class LLM:
             logger.info("%s", line)
         self._next_request_id = 0
         if args.in_driver:
-            decode = functools.partial(
-                self.tokenizer.decode, skip_special_tokens=True
-            )  # counted in its ledger
+            # Stop strings decode with the driver's tokenizer, which the ledger counts for this replica.
+            decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
             self.engine = LLMEngine(self.config, self.spec, plan.plans[0], decode=decode)
             self._backend = self.engine
         else:

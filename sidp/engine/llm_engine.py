@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -103,9 +104,7 @@ class LLMEngine:
         s = self.scheduler
         if s.short_of_blocks or len(s.running) + len(s.waiting) >= s.max_num_seqs:
             return False
-        held = sum(seq.num_uncomputed_tokens for seq in s.running) + sum(
-            seq.num_uncomputed_tokens for seq in s.waiting
-        )
+        held = sum(seq.num_uncomputed_tokens for seq in itertools.chain(s.running, s.waiting))
         return held < s.max_num_batched_tokens
 
     def step(self) -> list[FinishedRequest]:
