@@ -40,6 +40,7 @@ MATMUL = {
     "_C::onednn_mm",  # vLLM's
     "_C::weight_packed_linear",
 }
+SIDP_MATMUL = "::linear_amx"  # sidp's AMX kernel, under its CPU path's namespace (sidp_amx)
 GROUPS = {  # first match wins; MATMUL is checked before these
     "attention": ("attention", "attn", "sdpa", "flash", "cache_write", "kv_cache"),
     "copies and casts": ("copy", "to", "_to_copy", "index", "cat", "clone", "contiguous", "empty", "fill"),
@@ -63,7 +64,7 @@ OUTSIDE = "outside ops (Python, scheduling, profiler)"
 
 
 def group_of(name: str) -> str:
-    if name in MATMUL:
+    if name in MATMUL or name.endswith(SIDP_MATMUL):
         return "matrix products"
     short = name.split("::")[-1].lower().replace(" ", "")
     for group, words in GROUPS.items():

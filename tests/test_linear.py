@@ -39,3 +39,50 @@ def test_compute_dtype():
     wide = linear.compute_dtype(torch.bfloat16)
     assert wide == (torch.bfloat16 if linear.native_matmul(torch.bfloat16) else torch.float32)
     assert linear.scratch_bytes(torch.float32) == 0
+
+
+def _amx() -> bool:
+    return linear.on_amx_tiles(linear.packed(torch.zeros(64, 96, dtype=torch.bfloat16)))
+
+
+needs_amx = pytest.mark.skipif(not _amx(), reason="sidp's AMX products run only where the amx CPU path runs")
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 16, 17, 40, 56, 128])
+def test_amx_product_rounds_the_float32_product(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    b = torch.randn(64, generator=g).bfloat16()
+    packed = linear.packed(w)
+    got = {name: linear.linear(x, packed, bias) for name, bias in (("plain", None), ("bias", b))}
+    assert any(name.endswith("::linear_amx") for name in _ops_run(lambda: linear.linear(x, packed)))
+    want = F.linear(x.float(), w.float())
+    # One rounding of a float32 sum to bf16: half a bf16 ulp, 2^-9 relative.
+    torch.testing.assert_close(got["plain"].float(), want, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(got["bias"].float(), want + b.float(), rtol=2**-8, atol=2**-8)
+
+
+@needs_amx
+def test_many_rows_and_wide_outputs_stay_with_onednn():
+    packed = linear.packed(torch.randn(64, 96).bfloat16())
+    many = torch.randn(linear.AMX_MAX_ROWS + 1, 96).bfloat16()
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear.linear(many, packed))
+    assert not linear.on_amx_tiles(linear.packed(torch.zeros(linear.AMX_MAX_OUTPUTS + 32, 32).bfloat16()))
+    assert not linear.on_amx_tiles(linear.packed(torch.zeros(48, 96).bfloat16()))  # not in blocks of 32
+
+
+def test_amx_products_only_on_the_amx_path(monkeypatch):
+    monkeypatch.setattr(linear.cpu_kernels, "chosen_path", lambda: "avx512_bf16")
+    linear._amx_reads.cache_clear()
+    try:
+        assert not linear._amx_reads(64, 96)
+    finally:
+        linear._amx_reads.cache_clear()

@@ -1,5 +1,5 @@
 """Markdown tables of the JSONs benchmarks/*.py write: the profile, the attention kernel, matrix products by
-dtype, the fault soak (sidp/bench/doc_tables.py puts them between their markers)."""
+dtype and on AMX tiles, the fault soak (sidp/bench/doc_tables.py puts them between their markers)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,26 @@ def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -
     return table(" | ".join(["rows", *columns]), rows, "r" * 6)
 
 
+def matmul_amx(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/matmul_amx.py: a decode step's 30 layers of products, oneDNN against sidp's AMX kernel."""
+    rows = [
+        [
+            str(r["rows"]),
+            " / ".join(f"{t:.2f}" for t in r["onednn_ms"]),
+            " / ".join(f"{t:.2f}" for t in r["sidp_ms"]),
+            f"{r['ratio']:.2f}",
+        ]
+        for r in docs[0]["rows"]
+    ]
+    head = "rows | oneDNN, ms per step (two runs) | sidp, ms per step (two runs) | sidp / oneDNN (best each)"
+    d, calls = docs[0], docs[0]["call_on_32x32"]
+    floor = (
+        f"Reading the step's weights once takes {d['read_ms']:.2f} ms; one row through a 32x32 packed weight "
+        f"takes {calls['onednn_us']:.1f} us through oneDNN and {calls['sidp_us']:.1f} us through sidp.\n\n"
+    )
+    return floor + table(head, rows, "rrrr")
+
+
 def fault_soak(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/fault_soak.py: each fault case's runs, how long the group took to stop, what it left."""
     rows = [
@@ -88,5 +108,6 @@ KINDS: dict[str, Renderer] = {
     "profile-vs-peer": profile_vs_peer,
     "attention": attention,
     "matmul-dtypes": matmul_dtypes,
+    "matmul-amx": matmul_amx,
     "fault-soak": fault_soak,
 }

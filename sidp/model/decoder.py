@@ -115,11 +115,17 @@ class DecoderLayer:
         out = paged_attention(q, k, v, cache, batch, s.head_dim**-0.5)
         return self.run("o", out.view(tokens, s.q_size))
 
-    def __call__(self, h, cos, sin, cache: KVCache, batch: AttentionBatch) -> None:
-        """Adds this layer's attention and MLP to the residual stream h, in place."""
+    def __call__(self, h, delta, cos, sin, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+        """Adds `delta` (the layer before's MLP output; None for the first layer) and this layer's attention
+        to the residual stream h, in place, and returns this layer's MLP output: the next layer, or the final
+        norm, adds it in the same pass as its norm."""
         eps = self.spec.rms_norm_eps
-        attended = self.attention(rms_norm(h, self.input_norm, eps), cos, sin, cache, batch)
-        h += self.run("mlp", add_rms_norm_(h, attended, self.post_norm, eps))
+        if delta is None:
+            normed = rms_norm(h, self.input_norm, eps)
+        else:
+            normed = add_rms_norm_(h, delta, self.input_norm, eps)
+        attended = self.attention(normed, cos, sin, cache, batch)
+        return self.run("mlp", add_rms_norm_(h, attended, self.post_norm, eps))
 
 
 class Decoder:
@@ -171,9 +177,10 @@ class Decoder:
     def _forward(self, input_ids: torch.Tensor, batch: AttentionBatch, caches: list[KVCache]) -> torch.Tensor:
         cos, sin = self.rotary.lookup(batch.positions)
         h = self.embed[input_ids].to(self.compute_dtype)  # a copy: the layers add to it in place
+        delta = None
         for layer, cache in zip(self.layers, caches, strict=True):
-            layer(h, cos, sin, cache, batch)
-        return rms_norm(h, self.norm, self.spec.rms_norm_eps)
+            delta = layer(h, delta, cos, sin, cache, batch)
+        return add_rms_norm_(h, delta, self.norm, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """In the compute dtype: greedy sampling reads them as they are, sampling widens its rows."""

@@ -9,10 +9,16 @@ of a bf16 GEMM with a float32 accumulator). How big a chunk depends on the produ
 (`python benchmarks/matmul_dtypes.py`, 3072x576): a few rows on one thread go faster through chunks
 small enough to stay in the core's L2 cache, while many rows, or two threads, go faster through the
 largest chunks; a single row is cheaper narrowed to bf16 instead.
+
+Where the CPU multiplies bf16 in hardware, weights are packed for oneDNN once (`packed`). On AMX, a
+product of few rows (a decode step's) then runs on sidp's own tile kernel, which reads oneDNN's packed
+bytes in place: no second copy of any weight.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 
 import torch
@@ -24,6 +30,13 @@ MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening th
 SCRATCH_ELEMENTS = 4 * 2**20  # 16 MiB of float32: the largest chunk of weight rows widened at once
 L2_CHUNK_ELEMENTS = 2**17  # 512 KiB: the chunk for few rows on one thread
 FEW_ROWS = 16
+# Up to this many rows, a packed bf16 weight multiplies faster on AMX tiles by sidp's kernel than by
+# oneDNN (sidp/csrc/linear_amx.cpp): a step of SmolLM2's 30 layers takes less time from 1 to 128 rows,
+# and no less at 256 (benchmarks/matmul_amx.py; docs/BENCHMARKS.md has the figures).
+AMX_MAX_ROWS = 128
+# Past this many outputs a row of the product lies several pages from the next, and the tiles' writes
+# miss the TLB: SmolLM2's LM head (49,152) stays with oneDNN.
+AMX_MAX_OUTPUTS = 8192
 
 _local = threading.local()  # one scratch per thread: weight services may run beside the steps
 
@@ -76,6 +89,8 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for x in compute dtype and weight in storage dtype (or `packed`); returns x's dtype."""
     if weight.is_mkldnn:
+        if x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS and x.is_contiguous() and on_amx_tiles(weight):
+            return cpu_kernels.ops().linear_amx(x, torch.ops.mkldnn.data_ptr(weight), weight.shape[0], bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
@@ -92,6 +107,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         w = scratch[: n * in_features].view(n, in_features).copy_(weight[start : start + n])
         parts.append(F.linear(x, w, None if bias is None else bias[start : start + n].to(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def on_amx_tiles(weight: torch.Tensor) -> bool:
+    """Whether sidp's AMX kernel multiplies this `packed` weight (a bf16 one on the amx path)."""
+    out_features, in_features = weight.shape
+    return weight.dtype == torch.bfloat16 and _amx_reads(out_features, in_features)
+
+
+@functools.cache
+def _amx_reads(out_features: int, in_features: int) -> bool:
+    """Whether sidp's AMX kernel can read how oneDNN packs a bf16 [out_features, in_features] weight here.
+
+    The kernel reads oneDNN's packed bytes in place, so they must lie as it expects: in blocks of 32
+    rows, each its columns in pairs by the 32 rows by 2. Checked once per shape on a packed random
+    weight, so that another oneDNN, or another choice of its, leaves the products with oneDNN."""
+    if cpu_kernels.chosen_path() != "amx" or out_features > AMX_MAX_OUTPUTS:
+        return False
+    if out_features % 32 or in_features % 32:
+        return False
+    bits = torch.randint(0, 0x7F00, (out_features, in_features), dtype=torch.int16)  # finite bf16
+    probe = torch.ops.mkldnn._reorder_linear_weight(bits.view(torch.bfloat16), None)
+    if torch.ops.mkldnn._nbytes(probe) != bits.numel() * 2 or torch.ops.mkldnn.data_ptr(probe) % 64:
+        return False
+    stored = (ctypes.c_int16 * bits.numel()).from_address(torch.ops.mkldnn.data_ptr(probe))
+    expected = bits.view(out_features // 32, 32, in_features // 2, 2).permute(0, 2, 1, 3).reshape(-1)
+    return torch.equal(torch.frombuffer(stored, dtype=torch.int16), expected)
 
 
 def _scratch() -> torch.Tensor:
