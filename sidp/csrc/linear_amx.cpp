@@ -1,10 +1,10 @@
 // bf16 matrix products for few rows on AMX tiles, reading the weight oneDNN packed for its own products.
 //
 // y = x w^T (+ bias) with x [M, K] and w [N, K]. oneDNN (3.x, AMX) packs a bf16 weight in blocks of 32
-// output rows, each block K pairs of k by 32 rows by 2 (`sidp.model.linear.amx_layout` checks this once
+// output rows, each block K pairs of k by 32 rows by 2 (`sidp.model.linear._amx_reads` checks this once
 // per shape and keeps oneDNN's own products where it differs): 16 pairs of k by 16 rows are a tile's right
 // operand as they lie, and 16 rows of x by 32 k are its left operand as they lie. oneDNN's products spend
-// about 10 us per call outside the product and stall on the weight's reads; with few rows, a decode step,
+// more per call outside the arithmetic and stall on the weight's reads; with few rows, a decode step's,
 // this one streams the weight ahead of the tiles instead (docs/BENCHMARKS.md has the measurements).
 
 #include "library.h"
@@ -16,39 +16,18 @@
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-constexpr int64_t kRows = 16;   // rows of a tile
-constexpr int64_t kBlock = 32;  // output rows of a packed block: two tiles' columns
+using sidp_tiles::amx_allowed;
+using sidp_tiles::load_tile_config;
 
-// Linux gives a process AMX's tile registers only once it asks (oneDNN asks too; asking twice is fine).
-bool amx_granted() {
-  static const bool granted =
-      syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void load_tile_config() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = kRows;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
+constexpr int64_t kRows = sidp_tiles::kTile;  // rows of a tile
+constexpr int64_t kBlock = 32;                 // output rows of a packed block: two tiles' columns
 
 struct Problem {
   const uint16_t *x, *w, *bias;  // x [M, K] (rows x_stride apart), w packed, bias [N] or null
@@ -153,7 +132,7 @@ Tensor linear_amx(Tensor x, int64_t weight, int64_t N, std::optional<Tensor> bia
   const int64_t M = x.size(0), K = x.size(1);
   STD_TORCH_CHECK(K % 32 == 0 && N % kBlock == 0 && N > 0, "linear_amx: K and N must be multiples of 32");
   STD_TORCH_CHECK(weight != 0 && weight % 64 == 0, "linear_amx: the packed weight's address must be 64-byte aligned");
-  STD_TORCH_CHECK(amx_granted(), "linear_amx: Linux did not grant this process AMX's tile registers");
+  STD_TORCH_CHECK(amx_allowed(), "linear_amx: Linux did not grant this process AMX's tile registers");
   const uint16_t* b = nullptr;
   if (bias.has_value()) {
     STD_TORCH_CHECK(bias->scalar_type() == ScalarType::BFloat16 && bias->is_contiguous() && bias->numel() == N,

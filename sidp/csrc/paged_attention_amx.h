@@ -9,10 +9,9 @@
 // stays within the float32 path's rounding.
 #pragma once
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
-constexpr int64_t kTile = 16;  // a tile is 16 rows of 64 bytes: 16 tokens or heads by 32 bf16
+using sidp_tiles::amx_allowed;
+using sidp_tiles::kTile;
+using sidp_tiles::load_tile_config;
 
 struct AmxScratch {
   std::vector<int64_t> rows;  // the cache row (token slot * row_stride) of each token of the sequence
@@ -29,30 +28,6 @@ struct AmxScratch {
         tile(2 * kTile * kTile),
         acc(kTile * 64) {}
 };
-
-// Linux gives a process AMX's tile registers only once it asks (oneDNN asks too; asking twice is fine).
-inline bool amx_allowed() {
-  static const bool allowed =
-      syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return allowed;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile as 16 rows of 64 bytes. The configuration belongs to the thread, and oneDNN's products load
-// their own, so each task loads this one.
-inline void load_tile_config() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = kTile;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
 
 inline void prefetch_rows(const uint16_t* base, const int64_t* rows, int64_t count, int64_t bytes) {
   for (int64_t t = 0; t < count; ++t) {

@@ -131,8 +131,8 @@ def _amx_reads(out_features: int, in_features: int) -> bool:
     if torch.ops.mkldnn._nbytes(probe) != bits.numel() * 2 or torch.ops.mkldnn.data_ptr(probe) % 64:
         return False
     stored = (ctypes.c_int16 * bits.numel()).from_address(torch.ops.mkldnn.data_ptr(probe))
-    expected = bits.view(out_features // 32, 32, in_features // 2, 2).permute(0, 2, 1, 3).reshape(-1)
-    return torch.equal(torch.frombuffer(stored, dtype=torch.int16), expected)
+    blocks = torch.frombuffer(stored, dtype=torch.int16).view(out_features // 32, in_features // 2, 32, 2)
+    return torch.equal(blocks, bits.view(out_features // 32, 32, in_features // 2, 2).transpose(1, 2))
 
 
 def _scratch() -> torch.Tensor:
