@@ -90,7 +90,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear for x in compute dtype and weight in storage dtype (or `packed`); returns x's dtype."""
     if weight.is_mkldnn:
         if x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS and x.is_contiguous() and on_amx_tiles(weight):
-            return cpu_kernels.ops().linear_amx(x, torch.ops.mkldnn.data_ptr(weight), weight.shape[0], bias)
+            address = torch.ops.mkldnn.data_ptr(weight)
+            if address % 64 == 0:  # tile rows must not straddle cache lines (oneDNN aligns its buffers)
+                return cpu_kernels.ops().linear_amx(x, address, weight.shape[0], bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
@@ -128,7 +130,7 @@ def _amx_reads(out_features: int, in_features: int) -> bool:
         return False
     bits = torch.randint(0, 0x7F00, (out_features, in_features), dtype=torch.int16)  # finite bf16
     probe = torch.ops.mkldnn._reorder_linear_weight(bits.view(torch.bfloat16), None)
-    if torch.ops.mkldnn._nbytes(probe) != bits.numel() * 2 or torch.ops.mkldnn.data_ptr(probe) % 64:
+    if torch.ops.mkldnn._nbytes(probe) != bits.numel() * 2:
         return False
     stored = (ctypes.c_int16 * bits.numel()).from_address(torch.ops.mkldnn.data_ptr(probe))
     blocks = torch.frombuffer(stored, dtype=torch.int16).view(out_features // 32, in_features // 2, 32, 2)
