@@ -146,6 +146,16 @@ def test_non_contiguous_query():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_rows_of_the_fused_projection_are_read_in_place(kernel, dtype):
+    q, k, v, tables, lens, scale = make_problem([5, 40, 77], 9, 3, 64, 16, dtype)
+    rows = torch.cat([q.flatten(1), torch.full((3, 2 * 3 * 64), float("nan"), dtype=dtype)], dim=1)
+    in_place = rows[:, : 9 * 64].view(3, 9, 64)  # q as the decoder splits it off q|k|v: rows 1,536 apart
+    assert in_place.stride(0) == 15 * 64
+    got = kernel(in_place, k, v, tables, lens, scale)
+    torch.testing.assert_close(got, kernel(q, k, v, tables, lens, scale), rtol=0, atol=0)
+
+
 def corrupt_block_id(p):
     p[3][0, 0] = p[1].shape[0]
 

@@ -172,13 +172,13 @@ inline float softmax_numerators(float* s, int64_t n) {
 }
 
 struct Problem {
-  const void* q;
+  const void* q;  // a sequence's heads contiguous, sequences q_stride elements apart
   const void* k;
   const void* v;
   void* out;
   const int32_t* block_tables;
   const int32_t* context_lens;
-  int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks, q_stride;
   float scale;
 };
 
@@ -323,7 +323,7 @@ void attend(const Problem& p, const Task& task, Scratch& s) {
   const int64_t n = p.context_lens[task.seq], n_pad = round_up(n, kLanes);
   const int64_t row_stride = p.num_kv_heads * D;  // between consecutive tokens of one block
   const int64_t h0 = task.kv_begin * G, h1 = task.kv_end * G;  // the task's query heads
-  const T* q = static_cast<const T*>(p.q) + task.seq * p.num_heads * D;
+  const T* q = static_cast<const T*>(p.q) + task.seq * p.q_stride;
   for (int64_t h = h0; h < h1; ++h) L::widen(q + h * D, s.q.data() + h * W, D);
 
   for_each_run(static_cast<const T*>(p.k), p, task, n, [&](int64_t start, int64_t m, const T* first) {
@@ -410,9 +410,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && tables.dim() == 2 && lens.dim() == 1,
                   "paged_decode_attention: expected q [B,H,D], caches [N,bs,Hkv,D], block_tables [B,M], "
                   "context_lens [B]");
-  STD_TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && tables.is_contiguous() &&
-                      lens.is_contiguous(),
-                  "paged_decode_attention: all tensors must be contiguous");
+  STD_TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && tables.is_contiguous() && lens.is_contiguous(),
+                  "paged_decode_attention: caches, block_tables and context_lens must be contiguous");
+  // q may be rows of a wider tensor (the fused QKV projection): each sequence's heads must be contiguous.
+  STD_TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && q.stride(0) >= q.size(1) * q.size(2),
+                  "paged_decode_attention: q's heads must be contiguous within each sequence's row");
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                   "paged_decode_attention: q, k_cache and v_cache must share a dtype");
   STD_TORCH_CHECK(tables.scalar_type() == ScalarType::Int && lens.scalar_type() == ScalarType::Int,
@@ -460,6 +462,7 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
                   q.size(2),
                   k_cache.size(1),
                   block_tables.size(1),
+                  q.stride(0),
                   static_cast<float>(scale)};
   switch (q.scalar_type()) {
     case ScalarType::Float: run<F32>(p, q.size(0), max_len); break;

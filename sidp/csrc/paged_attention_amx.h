@@ -170,7 +170,7 @@ inline void attend_amx(const Problem& p, const Task& task, Scratch& s, AmxScratc
   const int64_t n = p.context_lens[task.seq], n32 = round_up(n, 32), row_stride = p.num_kv_heads * D;
   const int32_t* table = p.block_tables + task.seq * p.max_blocks;
   for (int64_t t = 0; t < n; ++t) a.rows[t] = (table[t / bs] * bs + t % bs) * row_stride;
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + task.seq * p.num_heads * D;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + task.seq * p.q_stride;
   load_tile_config();
   for (int64_t kvh = task.kv_begin; kvh < task.kv_end; ++kvh) amx_scores(p, a, s, q, kvh, n);
   for (int64_t h = task.kv_begin * G; h < task.kv_end * G; ++h) {

@@ -30,10 +30,11 @@ def paged_decode_attention(
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "bad q / cache rank"
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype"
     assert block_tables.dtype == context_lens.dtype == torch.int32, "block_tables, context_lens must be int32"
-    # q is small and may be a view into a fused QKV projection; the caches must already be contiguous.
-    return cpu_kernels.ops().paged_decode_attention(
-        q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale
-    )
+    # q may be rows of the fused QKV projection, read in place where each row's heads are contiguous; the
+    # caches must already be contiguous.
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    return cpu_kernels.ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_decode_attention_reference(
