@@ -1,10 +1,11 @@
 """How fast this CPU multiplies bf16 against float32, and what widening a bf16 weight costs.
 
 Prints median milliseconds for F.linear on SmolLM2's gate/up shape (576 -> 3072) at several row counts:
-float32, native bfloat16, bfloat16 with the weight prepacked for oneDNN (`sidp.model.linear.packed`;
-only where the CPU multiplies bf16 in hardware), the bf16 weight widened to float32 whole and then
-multiplied, and sidp.model.linear as the decoder calls it (packed where the CPU has bf16 instructions;
-elsewhere widened in L2-sized chunks, a single row narrowed to bf16 instead). Writes JSON too.
+float32, native bfloat16, bfloat16 with the weight prepacked for oneDNN (`sidp.model.linear.packed`,
+multiplied by oneDNN; only where the CPU multiplies bf16 in hardware), the bf16 weight widened to float32
+whole and then multiplied, and sidp.model.linear as the decoder calls it (packed where the CPU has bf16
+instructions, and up to 128 rows on sidp's AMX kernel where it has AMX; elsewhere widened in L2-sized
+chunks, a single row narrowed to bf16 instead). Writes JSON too.
   python benchmarks/matmul_dtypes.py [--threads N] [--out FILE]
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -21,6 +23,11 @@ import torch.nn.functional as F
 from sidp.bench.report import machine_info
 from sidp.bench.timing import median_ms
 from sidp.model.linear import compute_dtype, linear, native_matmul, packed
+
+
+def onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's product on a packed weight, as `linear` calls it past sidp's AMX kernel's rows."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def main() -> None:
@@ -46,7 +53,7 @@ def main() -> None:
             "rows": rows,
             "float32": median_ms(F.linear, x32, weight32),
             "bfloat16": median_ms(F.linear, x, weight),
-            "packed": median_ms(linear, x, weight_packed) if native else None,
+            "packed": median_ms(onednn, x, weight_packed) if native else None,
             "widened": median_ms(lambda a: F.linear(a, scratch.copy_(weight)), x32),
             "sidp": median_ms(linear, x.to(sidp_dtype), weight_packed if native else weight),
         }
@@ -55,6 +62,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": f"python benchmarks/matmul_dtypes.py --threads {args.threads} --out {args.out}",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows_out,
     }
     args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")
