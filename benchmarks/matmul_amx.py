@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,14 +36,9 @@ def step_ms(weights: list[dict], rows: int, product, repeats: int = 11) -> float
             for name, weight in layer.items():
                 product(xs[name], weight)
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1e3
+    step()
+    step()  # median_ms warms up once more
+    return median_ms(step, repeats=repeats)
 
 
 def read_ms(plain: list[dict]) -> float:

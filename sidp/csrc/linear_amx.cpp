@@ -35,13 +35,18 @@ struct Problem {
   int64_t M, N, K, x_stride;
 };
 
-// Rows [m0, m0 + 16 kX) of x times packed block `block` (columns n0..n0+31): tile 4 + 2i + h holds
-// y[m0 + 16i + r][n0 + 16h + c] at row r, column c. Tiles 0-1 hold x, 2-3 the weight. `next`, when
-// set, is the block after the next one, prefetched into L2 while the tiles work: the hardware alone
-// leaves the weight's reads waiting on memory between products.
+// 16 rows of x as a tile's left operand: where they lie, `stride` elements apart.
+struct XTile {
+  const uint16_t* rows;
+  int64_t stride;
+};
+
+// x's tiles x0 (and x1 when kX is 2) times packed block `block` (32 columns): tile 4 + 2i + h holds row r
+// of tile xi by column 16h + c at row r, column c, stored to `out` as [16 kX][32] floats. Tiles 0-1 hold x,
+// 2-3 the weight. `next`, when set, is the block after the next one, prefetched into L2 while the tiles
+// work: the hardware alone leaves the weight's reads waiting on memory between products.
 template <int kX>
-void multiply(const Problem& p, const uint16_t* x, int64_t x_stride, const uint16_t* block,
-              const uint16_t* next, float* out) {
+void multiply(const Problem& p, XTile x0, XTile x1, const uint16_t* block, const uint16_t* next, float* out) {
   _tile_zero(4);
   _tile_zero(5);
   if constexpr (kX > 1) {
@@ -54,13 +59,13 @@ void multiply(const Problem& p, const uint16_t* x, int64_t x_stride, const uint1
       for (int64_t l = 0; l < 32; ++l)
         _mm_prefetch(reinterpret_cast<const char*>(next + (s * 32 + l) * 32), _MM_HINT_T1);
     const uint16_t* b = block + s * 16 * 2 * kBlock;  // 16 pairs of k by 32 rows by 2
-    _tile_loadd(0, x + s * 32, x_stride * 2);
+    _tile_loadd(0, x0.rows + s * 32, x0.stride * 2);
     _tile_loadd(2, b, 4 * kBlock);
     _tile_dpbf16ps(4, 0, 2);
     _tile_loadd(3, b + 32, 4 * kBlock);
     _tile_dpbf16ps(5, 0, 3);
     if constexpr (kX > 1) {
-      _tile_loadd(1, x + kRows * x_stride + s * 32, x_stride * 2);
+      _tile_loadd(1, x1.rows + s * 32, x1.stride * 2);
       _tile_dpbf16ps(6, 1, 2);
       _tile_dpbf16ps(7, 1, 3);
     }
@@ -90,33 +95,29 @@ void write_rows(const Problem& p, const float* out, int64_t m0, int64_t rows, in
 
 void run(const Problem& p) {
   // x's last rows short of a tile are copied into a zeroed tile-high stretch: a tile reads 16 rows.
-  const int64_t full = p.M / kRows * kRows, tail = p.M - full;
+  const int64_t full = p.M / kRows * kRows, tail = p.M - full, tiles = (p.M + kRows - 1) / kRows;
   std::vector<uint16_t> padded(tail ? kRows * p.K + 32 : 0, 0);
-  uint16_t* tail_x = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(padded.data()) + 63) & ~uintptr_t(63));
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(padded.data()) + 63) & ~uintptr_t(63);
+  uint16_t* tail_x = reinterpret_cast<uint16_t*>(aligned);
   for (int64_t r = 0; r < tail; ++r) std::memcpy(tail_x + r * p.K, p.x + (full + r) * p.x_stride, p.K * 2);
+  const auto x_tile = [&](int64_t i) {
+    return i * kRows < full ? XTile{p.x + i * kRows * p.x_stride, p.x_stride} : XTile{tail_x, p.K};
+  };
   const int64_t blocks = p.N / kBlock, block_size = kBlock * p.K;
-  // Each thread takes a run of blocks, and multiplies each by every row of x while it is in cache.
+  // Each thread takes a run of blocks, and multiplies each by every row of x, two tiles at a time, while
+  // it is in cache.
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     load_tile_config();
     alignas(64) float out[2 * kRows * kBlock];
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint16_t* block = p.w + nb * block_size;
-      for (int64_t m0 = 0; m0 < p.M; m0 += 2 * kRows) {
-        const uint16_t* next = m0 == 0 && nb + 2 < end ? block + 2 * block_size : nullptr;
-        if (m0 + 2 * kRows <= full) {
-          multiply<2>(p, p.x + m0 * p.x_stride, p.x_stride, block, next, out);
-          write_rows(p, out, m0, 2 * kRows, nb * kBlock);
-        } else if (m0 + kRows <= full) {
-          multiply<1>(p, p.x + m0 * p.x_stride, p.x_stride, block, next, out);
-          write_rows(p, out, m0, kRows, nb * kBlock);
-          if (tail) {
-            multiply<1>(p, tail_x, p.K, block, nullptr, out);
-            write_rows(p, out, full, tail, nb * kBlock);
-          }
-        } else {
-          multiply<1>(p, tail_x, p.K, block, next, out);
-          write_rows(p, out, full, tail, nb * kBlock);
-        }
+      for (int64_t i = 0; i < tiles; i += 2) {
+        const uint16_t* next = i == 0 && nb + 2 < end ? block + 2 * block_size : nullptr;
+        if (i + 1 < tiles)
+          multiply<2>(p, x_tile(i), x_tile(i + 1), block, next, out);
+        else
+          multiply<1>(p, x_tile(i), x_tile(i), block, next, out);
+        write_rows(p, out, i * kRows, std::min(2 * kRows, p.M - i * kRows), nb * kBlock);
       }
     }
     _tile_release();
