@@ -5,7 +5,11 @@ reference, which gathers each sequence's blocks into a padded copy first. Prints
     python benchmarks/attention_microbench.py --path avx512 --batch-sizes 1,8,64 --contexts 330 --no-reference
 
 Each call reads one of --layers distinct caches in turn, as a decode step walks its layers, so K/V come
-from memory rather than from a cache the previous call just warmed.
+from memory rather than from a cache the previous call just warmed. A sequence's blocks are scattered
+over the pool (--block-order shuffled, as after long churn) or consecutive (in-order, as a fresh cache
+hands out a prompt's blocks); --layers 1 rereads one cache, which then stays in the CPU's caches.
+--layout tiles times the kernel over the same values in the tiles layout (sidp/model/kv_cache.py: bf16 on
+the amx path), the reference still over rows.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sidp.bench.report import machine_info
 from sidp.bench.throughput import home_as_tilde
 from sidp.machine import cpu_model
 from sidp.model import cpu_kernels
+from sidp.model.kv_cache import to_tiles
 from sidp.model.paged_attention import paged_decode_attention_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--layers", type=int, default=30, help="distinct caches cycled through")
+    p.add_argument("--block-order", choices=["shuffled", "in-order"], default="shuffled")
+    p.add_argument("--layout", choices=["rows", "tiles"], default="rows", help="the kernel's cache layout")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (fewer past 3 s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--path", choices=cpu_kernels.supported_paths(), help="CPU path (default: the chosen one)")
@@ -53,13 +60,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_case(args, batch: int, context: int, dtype: torch.dtype):
-    """One pool of blocks for all layers, handed out shuffled as a block manager would after churn."""
+    """One pool of blocks for all layers, handed out shuffled or in order (--block-order)."""
     per_seq = -(-context // args.block_size)
     num_blocks = args.layers * batch * per_seq
     shape = (num_blocks, args.block_size, args.kv_heads, args.head_dim)
     k = torch.empty(shape, dtype=dtype).uniform_(-1, 1)
     v = torch.empty(shape, dtype=dtype).uniform_(-1, 1)
-    order = torch.randperm(num_blocks, dtype=torch.int32).reshape(args.layers, batch, per_seq)
+    ids = torch.randperm(num_blocks) if args.block_order == "shuffled" else torch.arange(num_blocks)
+    order = ids.to(torch.int32).reshape(args.layers, batch, per_seq)
     q = torch.randn(batch, args.heads, args.head_dim).to(dtype)
     lens = torch.full((batch,), context, dtype=torch.int32)
     return q, k, v, list(order), lens
@@ -87,14 +95,19 @@ def measure(args, kernel, name: str, batch: int, context: int) -> dict:
     fns = {"kernel": kernel, "reference": paged_decode_attention_reference}
     if args.no_reference:
         del fns["reference"]
+    cases = {"kernel": case, "reference": case}
+    if args.layout == "tiles":
+        q, k, v, tables, lens = case
+        cases["kernel"] = (q, *to_tiles(k, v), tables, lens)
     for label, fn in fns.items():
-        times = time_calls(fn, case, args.head_dim**-0.5, args.repeats)
+        times = time_calls(fn, cases[label], args.head_dim**-0.5, args.repeats)
         median = statistics.median(times)
         row[f"{label}_ms"] = median * 1e3
         row[f"{label}_min_ms"] = min(times) * 1e3
         row[f"{label}_gbps"] = kv_bytes / median / 1e9
         row[f"{label}_calls"] = len(times)
-    row["speedup"] = row.get("reference_ms", float("nan")) / row["kernel_ms"]
+    if "reference_ms" in row:
+        row["speedup"] = row["reference_ms"] / row["kernel_ms"]
     return row
 
 
@@ -112,8 +125,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = args.path or cpu_kernels.chosen_path()
-    kernel = cpu_kernels.ops(path).paged_decode_attention
-    first_call_s = first_call_seconds(kernel)
+    ops = cpu_kernels.ops(path)
+    kernel = ops.paged_decode_attention if args.layout == "rows" else ops.paged_decode_attention_tiles
+    first_call_s = first_call_seconds(ops.paged_decode_attention)
     print(f"path {path}")
     # Medians are the headline; minimums show what a call costs when nothing else wanted the CPU.
     header = "dtype    B  ctx   KV MB | kernel ms    min   GB/s |   ref ms     min   GB/s |    x"
@@ -128,7 +142,7 @@ def main() -> None:
                 print(
                     f"{name:5} {batch:4} {context:4} {r['kv_bytes'] / 1e6:7.2f} | {r['kernel_ms']:9.3f} "
                     f"{r['kernel_min_ms']:6.3f} {r['kernel_gbps']:6.1f} | {ref[0]:8.3f} "
-                    f"{ref[1]:7.3f} {ref[2]:6.1f} | {r['speedup']:4.1f}",
+                    f"{ref[1]:7.3f} {ref[2]:6.1f} | {r.get('speedup', float('nan')):4.1f}",
                     flush=True,
                 )
     meta = {
@@ -141,6 +155,8 @@ def main() -> None:
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
         "block_size": args.block_size,
         "layers": args.layers,
+        "block_order": args.block_order,
+        "layout": args.layout,
         "note": "kv_bytes counts K and V rows the step must read; *_ms is the median call",
     }
     doc = {

@@ -36,26 +36,32 @@ def profile_vs_peer(paths: list[str], docs: list[dict], options: dict[str, str])
 
 def attention(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/attention_microbench.py: the paged decode kernel of each run's CPU path against the
-    gather + bmm reference, with the K/V bytes it read per second."""
+    gather + bmm reference, with the K/V bytes it read per second, and where those came from: the cache's
+    layout, how many layer caches the calls cycled through and the order of each sequence's blocks (runs
+    before those options read rows, shuffled)."""
     rows = [
         [
             d["meta"]["path"],
+            ", ".join(
+                str(d["meta"].get(k, v))
+                for k, v in (("layout", "rows"), ("layers", 30), ("block_order", "shuffled"))
+            ),
             r["dtype"],
             str(r["batch"]),
             str(r["context"]),
             f"{r['kernel_ms']:.3f} ({r['kernel_min_ms']:.3f})",
             f"{r['kernel_gbps']:.1f}",
             f"{r['reference_ms']:.3f} ({r['reference_min_ms']:.3f})" if "reference_ms" in r else "-",
-            times(r["speedup"]) if "speedup" in r else "-",
+            times(r["speedup"]) if "reference_ms" in r else "-",
         ]
         for d in docs
         for r in d["results"]
     ]
     head = (
-        "path | dtype | batch | context | kernel ms, median (best) | K/V GB/s (median) | "
-        "gather + bmm reference ms, median (best) | speed-up (medians)"
+        "path | layout, caches, blocks | dtype | batch | context | kernel ms, median (best) | "
+        "K/V GB/s (median) | gather + bmm reference ms, median (best) | speed-up (medians)"
     )
-    return table(head, rows, "llrrrrrr")
+    return table(head, rows, "lllrrrrrr")
 
 
 def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:

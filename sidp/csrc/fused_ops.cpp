@@ -250,6 +250,90 @@ void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor
   });
 }
 
+// Tokens t (even) and t + 1 of one KV head into the tiles layout: for keys, each pair of dims of both
+// tokens as 8 bytes; for values, the two rows interleaved (a0 b0 a1 b1 ...), 32 dims at a time.
+inline void write_token_pair(uint16_t* keys, uint16_t* values, const uint16_t* ka, const uint16_t* kb,
+                             const uint16_t* va, const uint16_t* vb, int64_t D, int64_t bs) {
+  for (int64_t i = 0; i < D / 2; ++i) {
+    uint16_t four[4] = {ka[2 * i], ka[2 * i + 1], kb[2 * i], kb[2 * i + 1]};
+    std::memcpy(keys + i * bs * 2, four, 8);
+  }
+  typedef uint16_t u16x32 __attribute__((vector_size(64)));
+  for (int64_t c = 0; c < D; c += 32) {
+    u16x32 a, b;
+    std::memcpy(&a, va + c, 64);
+    std::memcpy(&b, vb + c, 64);
+    const u16x32 low = __builtin_shufflevector(a, b, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8,
+                                               40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47);
+    const u16x32 high = __builtin_shufflevector(a, b, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23,
+                                                55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+    std::memcpy(values + c * 2, &low, 64);
+    std::memcpy(values + c * 2 + 32, &high, 64);
+  }
+}
+
+// k_tiles [blocks, Hkv, D/2, block_size, 2] and v_tiles [blocks, Hkv, block_size/2, D, 2], the layout AMX
+// tiles read (sidp/model/kv_cache.py): token t's K/V rows go to flat slot slots[t], each element where that
+// layout keeps it.
+void cache_write_tiles_(Tensor k_tiles, Tensor v_tiles, Tensor slots, Tensor k, Tensor v) {
+  STD_TORCH_CHECK(k_tiles.is_contiguous() && v_tiles.is_contiguous() && k_tiles.dim() == 5 && v_tiles.dim() == 5 &&
+                      slots.is_contiguous() && slots.scalar_type() == ScalarType::Long,
+                  "cache_write_tiles_: caches must be contiguous [N, Hkv, D/2, bs, 2] and [N, Hkv, bs/2, D, 2], "
+                  "slots int64");
+  const int64_t heads = k_tiles.size(1), D = k_tiles.size(2) * 2, bs = k_tiles.size(3);
+  STD_TORCH_CHECK(k_tiles.size(4) == 2 && v_tiles.size(0) == k_tiles.size(0) && v_tiles.size(1) == heads &&
+                      v_tiles.size(2) * 2 == bs && v_tiles.size(3) == D && v_tiles.size(4) == 2,
+                  "cache_write_tiles_: the two caches' shapes disagree");
+  const Rows rk(k, "cache_write_tiles_"), rv(v, "cache_write_tiles_");
+  STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == heads && v.size(1) == heads && rk.width == D &&
+                      rv.width == D && k.size(0) == slots.size(0) && v.size(0) == slots.size(0),
+                  "cache_write_tiles_: k and v must be [tokens, Hkv, D] with one slot per token");
+  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() && v_tiles.scalar_type() == k_tiles.scalar_type(),
+                  "cache_write_tiles_: k and v must share a dtype, and so must the caches");
+  const int64_t total = k_tiles.size(0) * bs;
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.size(0); ++t)
+    STD_TORCH_CHECK(slot[t] >= 0 && slot[t] < total, "cache_write_tiles_: slot ", slot[t], " is outside the cache");
+  const bool same = k.scalar_type() == k_tiles.scalar_type() && k_tiles.element_size() == 2;
+  by_dtype(k.scalar_type(), "cache_write_tiles_", [&](auto from) {
+    by_dtype(k_tiles.scalar_type(), "cache_write_tiles_", [&](auto to) {
+      using S = decltype(from);
+      using C = decltype(to);
+      auto* kc = static_cast<typename C::T*>(k_tiles.mutable_data_ptr());
+      auto* vc = static_cast<typename C::T*>(v_tiles.mutable_data_ptr());
+      const int64_t tokens = slots.size(0);
+      // Two tokens of one pair (an even slot and the next) arrive together in a prefill: their keys are
+      // then stored 8 bytes at a time and their values as whole interleaved rows. A pair is written by
+      // the thread that has its first token.
+      auto pairs_with_next = [&](int64_t i) {
+        return same && slot[i] % 2 == 0 && i + 1 < tokens && slot[i + 1] == slot[i] + 1;
+      };
+      for_rows(tokens, heads * D, [&](int64_t i) {
+        if (same && slot[i] % 2 == 1 && i > 0 && pairs_with_next(i - 1)) return;
+        const int64_t t = slot[i] % bs, block = slot[i] / bs;
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t stretch = (block * heads + h) * bs * D, r = i * heads + h;
+          typename C::T* keys = kc + stretch + t * 2;  // dims d and d + 1 together, rows bs * 2 apart
+          typename C::T* values = vc + stretch + t / 2 * D * 2 + t % 2;  // every other element
+          const typename S::T* kr = rk.row<typename S::T>(r);
+          const typename S::T* vr = rv.row<typename S::T>(r);
+          if constexpr (std::is_same_v<S, C> && sizeof(typename C::T) == 2) {
+            if (pairs_with_next(i)) {
+              write_token_pair(keys, values, kr, rk.row<typename S::T>(r + heads), vr,
+                               rv.row<typename S::T>(r + heads), D, bs);
+              continue;
+            }
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            keys[d / 2 * bs * 2 + d % 2] = C::round(S::load(kr[d]));
+            values[d * 2] = C::round(S::load(vr[d]));
+          }
+        }
+      });
+    });
+  });
+}
+
 // The first index of each row's largest value (of its first NaN, if it has one): what torch.max(dim=-1)
 // returns, over 2-D logits in their own dtype, so greedy sampling needs no float32 copy of them.
 template <typename L>
@@ -317,6 +401,7 @@ SIDP_LIBRARY_FRAGMENT(SIDP_NS, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   m.def("cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("cache_write_tiles_(Tensor(a!) k_tiles, Tensor(b!) v_tiles, Tensor slots, Tensor k, Tensor v) -> ()");
   m.def("greedy_argmax(Tensor logits) -> Tensor");
 }
 
@@ -326,5 +411,6 @@ SIDP_LIBRARY_IMPL(SIDP_NS, CPU, m) {
   m.impl("silu_and_mul", TORCH_BOX(&silu_and_mul));
   m.impl("rotary_", TORCH_BOX(&rotary_));
   m.impl("cache_write_", TORCH_BOX(&cache_write_));
+  m.impl("cache_write_tiles_", TORCH_BOX(&cache_write_tiles_));
   m.impl("greedy_argmax", TORCH_BOX(&greedy_argmax));
 }

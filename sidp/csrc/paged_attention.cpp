@@ -5,7 +5,8 @@
 // where <torch/extension.h> takes over twenty. The arithmetic uses GCC/Clang vector extensions, which
 // the compiler maps onto whatever -march offers (zmm, ymm or NEON registers), and x86 intrinsics for what
 // those cannot say: fused multiply-adds, and bf16 dot products on CPUs with AVX512-BF16. On CPUs with AMX,
-// bf16 runs on tiles instead (paged_attention_amx.h).
+// bf16 runs on tiles instead: over the rows layout (paged_attention_amx.h) or over a cache kept in the
+// tiles' own layout (paged_attention_tiles.h).
 
 #include "exp_nonpositive.h"
 #include "library.h"
@@ -365,42 +366,59 @@ void attend(const Problem& p, const Task& task, Scratch& s) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include "paged_attention_amx.h"
+#include "paged_attention_tiles.h"
 
 // Whether bf16 attention can run on AMX tiles here: 16 query heads per KV head at most, head_dim in pairs
 // of tile rows, and tiles the OS lets this process use.
 inline bool on_amx(const Problem& p) {
   return p.num_heads / p.num_kv_heads <= kTile && p.head_dim % 32 == 0 && amx_allowed();
 }
+inline bool tiles_layout_runs() { return amx_allowed(); }
 #else
 struct AmxScratch {
   AmxScratch(int64_t, int64_t) {}
 };
 inline bool on_amx(const Problem&) { return false; }
+inline bool tiles_layout_runs() { return false; }
 inline void attend_amx(const Problem&, const Task&, Scratch&, AmxScratch&) {}
+struct TilesLayoutScratch {
+  TilesLayoutScratch(int64_t, int64_t) {}
+};
+inline void attend_tiles_layout(const Problem&, const Task&, Scratch&, TilesLayoutScratch&) {}
 #endif
 
-template <typename L>
-void run(const Problem& p, int64_t batch, int64_t max_len) {
+// Calls attend(task, scratch, more) for every task of the batch, where each thread has its own Scratch and
+// `More` (the AMX kernels' buffers, built from head_dim and max_len).
+template <typename More, typename Attend>
+void for_each_task(const Problem& p, int64_t batch, int64_t max_len, Attend&& attend) {
   const int64_t threads = torch::stable::get_num_threads();
   // A task walks its sequence's blocks once for all KV heads, reading each block's rows as one run. With
   // too few sequences to keep every thread busy, each KV head is a task of its own.
   const int64_t splits = batch < 4 * threads ? p.num_kv_heads : 1, tasks = batch * splits;
-  const bool amx = std::is_same_v<L, BF16> && on_amx(p);
   // Threads take tasks in turn, so that one slowed down (a long context, a busy core) holds up no other.
   // No exception may leave this callback (it crosses a C ABI).
   std::atomic<int64_t> next{0};
   torch::stable::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     Scratch scratch(p.num_heads, p.head_dim, max_len);
-    AmxScratch tiles(amx ? max_len : 0, amx ? p.head_dim : 0);
+    More more(max_len, p.head_dim);
     for (int64_t i = next++; i < tasks; i = next++) {
       const int64_t part = i % splits;
-      const Task task{i / splits, part * p.num_kv_heads / splits, (part + 1) * p.num_kv_heads / splits};
-      if (amx)
-        attend_amx(p, task, scratch, tiles);
-      else
-        attend<L>(p, task, scratch);
+      attend(Task{i / splits, part * p.num_kv_heads / splits, (part + 1) * p.num_kv_heads / splits}, scratch,
+             more);
     }
   });
+}
+
+template <typename L>
+void run(const Problem& p, int64_t batch, int64_t max_len) {
+  if (std::is_same_v<L, BF16> && on_amx(p))
+    return for_each_task<AmxScratch>(p, batch, max_len, [&](const Task& task, Scratch& s, AmxScratch& a) {
+      attend_amx(p, task, s, a);
+    });
+  struct None {
+    None(int64_t, int64_t) {}
+  };
+  for_each_task<None>(p, batch, max_len, [&](const Task& task, Scratch& s, None&) { attend<L>(p, task, s); });
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tables,
@@ -473,13 +491,55 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
   return out;
 }
 
+// q [B, H, D] bf16; k_tiles [N, Hkv, D/2, bs, 2] and v_tiles [N, Hkv, bs/2, D, 2], the cache in the tiles'
+// layout (sidp/model/kv_layout.py); the rest as paged_decode_attention.
+Tensor paged_decode_attention_tiles(Tensor q, Tensor k_tiles, Tensor v_tiles, Tensor block_tables,
+                                    Tensor context_lens, double scale) {
+  STD_TORCH_CHECK(k_tiles.dim() == 5 && v_tiles.dim() == 5 && q.dim() == 3,
+                  "paged_decode_attention_tiles: expected q [B,H,D], k [N,Hkv,D/2,bs,2], v [N,Hkv,bs/2,D,2]");
+  const int64_t N = k_tiles.size(0), Hkv = k_tiles.size(1), D = q.size(2), bs = k_tiles.size(3);
+  STD_TORCH_CHECK(k_tiles.size(2) * 2 == D && k_tiles.size(4) == 2 && v_tiles.size(0) == N &&
+                      v_tiles.size(1) == Hkv && v_tiles.size(2) * 2 == bs && v_tiles.size(3) == D &&
+                      v_tiles.size(4) == 2,
+                  "paged_decode_attention_tiles: cache shapes do not match q's head_dim or each other");
+  STD_TORCH_CHECK(k_tiles.is_contiguous() && v_tiles.is_contiguous() && block_tables.is_contiguous() &&
+                      context_lens.is_contiguous(),
+                  "paged_decode_attention_tiles: caches, block_tables and context_lens must be contiguous");
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::BFloat16 && k_tiles.scalar_type() == ScalarType::BFloat16 &&
+                      v_tiles.scalar_type() == ScalarType::BFloat16,
+                  "paged_decode_attention_tiles: q and the caches must be bfloat16");
+  STD_TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && q.stride(0) >= q.size(1) * D,
+                  "paged_decode_attention_tiles: q's heads must be contiguous within each sequence's row");
+  STD_TORCH_CHECK(block_tables.scalar_type() == ScalarType::Int && context_lens.scalar_type() == ScalarType::Int &&
+                      block_tables.dim() == 2 && context_lens.dim() == 1 && block_tables.size(0) == q.size(0) &&
+                      context_lens.size(0) == q.size(0),
+                  "paged_decode_attention_tiles: block_tables [B, M] and context_lens [B], int32");
+  STD_TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0 && q.size(1) / Hkv <= 16 && D % 32 == 0 && bs % 16 == 0,
+                  "paged_decode_attention_tiles: needs at most 16 query heads per KV head, head_dim a multiple "
+                  "of 32 and block_size of 16");
+  STD_TORCH_CHECK(tiles_layout_runs(),
+                  "paged_decode_attention_tiles: this CPU path has no AMX tiles");
+  const int64_t max_len = check_tables(block_tables, context_lens, N, bs);
+  Tensor out = torch::stable::empty_like(q);
+  const Problem p{q.const_data_ptr(), k_tiles.const_data_ptr(), v_tiles.const_data_ptr(), out.mutable_data_ptr(),
+                  block_tables.const_data_ptr<int32_t>(), context_lens.const_data_ptr<int32_t>(), q.size(1), Hkv, D,
+                  bs, block_tables.size(1), q.stride(0), static_cast<float>(scale)};
+  for_each_task<TilesLayoutScratch>(p, q.size(0), max_len, [&](const Task& task, Scratch& s, TilesLayoutScratch& a) {
+    attend_tiles_layout(p, task, s, a);
+  });
+  return out;
+}
+
 }  // namespace
 
 SIDP_LIBRARY_FRAGMENT(SIDP_NS, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention_tiles(Tensor q, Tensor k_tiles, Tensor v_tiles, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
 }
 
 SIDP_LIBRARY_IMPL(SIDP_NS, CPU, m) {
   m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention));
+  m.impl("paged_decode_attention_tiles", TORCH_BOX(&paged_decode_attention_tiles));
 }

@@ -11,8 +11,9 @@ import torch
 
 from sidp.engine.scheduler import ScheduledStep
 from sidp.engine.sequence import Sequence
-from sidp.model.attention import AttentionBatch, KVCache, PrefillChunk
+from sidp.model.attention import AttentionBatch, PrefillChunk
 from sidp.model.decoder import Decoder
+from sidp.model.kv_cache import new_kv_cache
 from sidp.model.sampler import sample
 
 
@@ -24,13 +25,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [
-            KVCache(
-                torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
-            )
-            for _ in range(spec.num_layers)
-        ]
+        shapes = (num_blocks, block_size, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [new_kv_cache(*shapes, dtype, device) for _ in range(spec.num_layers)]
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[int | None]:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sidp.model.fused import cache_write_
-from sidp.model.paged_attention import paged_decode_attention
+from sidp.model.kv_cache import KVCache
 
 
 @dataclass(slots=True)
@@ -55,21 +54,6 @@ class AttentionBatch:
         )
 
 
-@dataclass(slots=True)
-class KVCache:
-    """One layer's cache, [num_blocks, block_size, kv_heads, head_dim] for keys and for values."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        cache_write_(self.k, self.v, slots, k, v)
-
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv_heads, head_dim = self.k.shape[-2:]
-        return self.k.view(-1, kv_heads, head_dim)[slots], self.v.view(-1, kv_heads, head_dim)[slots]
-
-
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
@@ -80,13 +64,8 @@ def paged_attention(
     cache.write(batch.slot_mapping, k, v)
     decoded = None
     if batch.num_decode:
-        decode = paged_decode_attention
-        if q.is_cuda:  # imported here: the CPU path never needs triton
-            from sidp.model.paged_attention_triton import paged_decode_attention_triton as decode
-        decoded = decode(
+        decoded = cache.decode(
             q[: batch.num_decode].to(cache.k.dtype),
-            cache.k,
-            cache.v,
             batch.decode_block_tables,
             batch.decode_context_lens,
             scale,

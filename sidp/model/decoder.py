@@ -12,9 +12,10 @@ from typing import Protocol
 
 import torch
 
-from sidp.model.attention import AttentionBatch, KVCache, paged_attention
+from sidp.model.attention import AttentionBatch, paged_attention
 from sidp.model.checkpoint import Checkpoint
 from sidp.model.fused import add_rms_norm_, rms_norm, rotary_, silu_and_mul
+from sidp.model.kv_cache import KVCache
 from sidp.model.linear import compute_dtype, linear, packed
 from sidp.model.rope import RotaryTable
 from sidp.model.spec import ModelSpec

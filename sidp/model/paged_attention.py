@@ -37,6 +37,23 @@ def paged_decode_attention(
     return cpu_kernels.ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
+def paged_decode_attention_tiles(
+    q: torch.Tensor,
+    k_tiles: torch.Tensor,
+    v_tiles: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """paged_decode_attention over a bf16 cache in the tiles layout (sidp/model/kv_cache.py): k_tiles
+    [N, Hkv, D/2, block_size, 2], v_tiles [N, Hkv, block_size/2, D, 2]. CPUs with AMX only."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    return cpu_kernels.ops().paged_decode_attention_tiles(
+        q, k_tiles, v_tiles, block_tables, context_lens, scale
+    )
+
+
 def paged_decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
