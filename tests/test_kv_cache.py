@@ -128,3 +128,15 @@ def test_engine_on_tiles_generates_what_it_does_on_rows(tiny_model, monkeypatch)
     rows, layout = run()
     assert layout is KVCache
     assert tiled == rows
+
+
+@needs_amx
+def test_tiles_kernel_refuses_what_it_cannot_read():
+    q, _, (k_tiles, v_tiles), tables, lens = poisoned_problem([5, 40], 9, 3, 64, 16, seed=2)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        paged_decode_attention_tiles(q.float(), k_tiles.float(), v_tiles.float(), tables, lens, 0.125)
+    with pytest.raises(RuntimeError, match="do not match"):
+        paged_decode_attention_tiles(q, k_tiles, v_tiles[:, :, :4], tables, lens, 0.125)
+    other = next(path for path in cpu_kernels.supported_paths() if path != "amx")
+    with pytest.raises(RuntimeError, match="no AMX tiles"):
+        cpu_kernels.ops(other).paged_decode_attention_tiles(q, k_tiles, v_tiles, tables, lens, 0.125)

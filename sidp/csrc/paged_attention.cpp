@@ -492,7 +492,7 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
 }
 
 // q [B, H, D] bf16; k_tiles [N, Hkv, D/2, bs, 2] and v_tiles [N, Hkv, bs/2, D, 2], the cache in the tiles'
-// layout (sidp/model/kv_layout.py); the rest as paged_decode_attention.
+// layout (sidp/model/kv_cache.py); the rest as paged_decode_attention.
 Tensor paged_decode_attention_tiles(Tensor q, Tensor k_tiles, Tensor v_tiles, Tensor block_tables,
                                     Tensor context_lens, double scale) {
   STD_TORCH_CHECK(k_tiles.dim() == 5 && v_tiles.dim() == 5 && q.dim() == 3,

@@ -58,7 +58,7 @@ class TiledKVCache(KVCache):
         cpu_kernels.ops().cache_write_tiles_(self.k, self.v, slots, k, v)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        num_blocks, kv_heads, pairs, block_size, _ = self.k.shape
+        _, kv_heads, pairs, block_size, _ = self.k.shape
         blocks, at = slots // block_size, slots % block_size
         k = self.k[blocks, :, :, at, :]  # [T, Hkv, D/2, 2]
         v = self.v[blocks, :, at // 2, :, at % 2]  # [T, Hkv, D]
