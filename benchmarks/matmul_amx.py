@@ -54,10 +54,6 @@ def call_us(product) -> float:
     return median_ms(product, x, weight, repeats=2000) * 1e3
 
 
-def onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -71,7 +67,7 @@ def main() -> None:
     plain = [{n: torch.randn(s, dtype=torch.bfloat16) for n, s in SHAPES.items()} for _ in range(LAYERS)]
     weights = [{name: linear.packed(w) for name, w in layer.items()} for layer in plain]
     floor = read_ms(plain)
-    calls = {"onednn_us": call_us(onednn), "sidp_us": call_us(linear.linear)}
+    calls = {"onednn_us": call_us(linear.onednn_linear), "sidp_us": call_us(linear.linear)}
     print(
         f"reading the step's weights: {floor:.2f} ms; one call on a 32x32 weight: "
         f"oneDNN {calls['onednn_us']:.1f} us, sidp {calls['sidp_us']:.1f} us"
@@ -81,7 +77,7 @@ def main() -> None:
     for rows in (1, 8, 32, 64, 128, 256):
         runs = {"onednn_ms": [], "sidp_ms": []}
         for _ in range(2):
-            runs["onednn_ms"].append(step_ms(weights, rows, onednn))
+            runs["onednn_ms"].append(step_ms(weights, rows, linear.onednn_linear))
             runs["sidp_ms"].append(step_ms(weights, rows, linear.linear))
         row = {"rows": rows, **runs, "ratio": min(runs["sidp_ms"]) / min(runs["onednn_ms"])}
         rows_out.append(row)

@@ -22,12 +22,7 @@ import torch.nn.functional as F
 
 from sidp.bench.report import machine_info
 from sidp.bench.timing import median_ms
-from sidp.model.linear import compute_dtype, linear, native_matmul, packed
-
-
-def onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's product on a packed weight, as `linear` calls it past sidp's AMX kernel's rows."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+from sidp.model.linear import compute_dtype, linear, native_matmul, onednn_linear, packed
 
 
 def main() -> None:
@@ -53,7 +48,7 @@ def main() -> None:
             "rows": rows,
             "float32": median_ms(F.linear, x32, weight32),
             "bfloat16": median_ms(F.linear, x, weight),
-            "packed": median_ms(onednn, x, weight_packed) if native else None,
+            "packed": median_ms(onednn_linear, x, weight_packed) if native else None,
             "widened": median_ms(lambda a: F.linear(a, scratch.copy_(weight)), x32),
             "sidp": median_ms(linear, x.to(sidp_dtype), weight_packed if native else weight),
         }

@@ -219,21 +219,30 @@ void copy_row(const typename S::T* from, typename C::T* to, int64_t n) {
   }
 }
 
+// What both cache writes require of k and v ([tokens, Hkv, D] rows of one dtype), the caches (one dtype)
+// and slots (one per token, each among the cache's `total`).
+void check_write(const Rows& rk, const Rows& rv, const Tensor& k, const Tensor& v, const Tensor& slots,
+                 int64_t heads, int64_t D, int64_t total, const Tensor& k_cache, const Tensor& v_cache,
+                 const char* op) {
+  STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == heads && v.size(1) == heads && rk.width == D &&
+                      rv.width == D && k.size(0) == slots.size(0) && v.size(0) == slots.size(0),
+                  op, ": k and v must be [tokens, Hkv, D] with one slot per token");
+  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(), op,
+                  ": k and v must share a dtype, and so must the caches");
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.size(0); ++t)
+    STD_TORCH_CHECK(slot[t] >= 0 && slot[t] < total, op, ": slot ", slot[t], " is outside the cache");
+}
+
 // k_cache, v_cache [blocks, block_size, Hkv, D]: token t's K/V rows go to flat slot slots[t].
 void cache_write_(Tensor k_cache, Tensor v_cache, Tensor slots, Tensor k, Tensor v) {
   STD_TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
                       v_cache.dim() == 4 && slots.is_contiguous() && slots.scalar_type() == ScalarType::Long,
                   "cache_write_: caches must be contiguous [blocks, block_size, Hkv, D], slots int64");
   const Rows rk(k, "cache_write_"), rv(v, "cache_write_");
-  const int64_t heads = k_cache.size(2), D = k_cache.size(3), total = k_cache.size(0) * k_cache.size(1);
-  STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == heads && v.size(1) == heads && rk.width == D &&
-                      rv.width == D && k.size(0) == slots.size(0) && v.size(0) == slots.size(0),
-                  "cache_write_: k and v must be [tokens, Hkv, D] with one slot per token");
-  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
-                  "cache_write_: k and v must share a dtype, and so must the caches");
+  const int64_t heads = k_cache.size(2), D = k_cache.size(3);
+  check_write(rk, rv, k, v, slots, heads, D, k_cache.size(0) * k_cache.size(1), k_cache, v_cache, "cache_write_");
   const int64_t* slot = slots.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < slots.size(0); ++t)
-    STD_TORCH_CHECK(slot[t] >= 0 && slot[t] < total, "cache_write_: slot ", slot[t], " is outside the cache");
   // K/V may come wider than the cache stores them (float32 activations, bf16 cache): narrowed on the way.
   by_dtype(k.scalar_type(), "cache_write_", [&](auto from) {
     by_dtype(k_cache.scalar_type(), "cache_write_", [&](auto to) {
@@ -285,15 +294,8 @@ void cache_write_tiles_(Tensor k_tiles, Tensor v_tiles, Tensor slots, Tensor k, 
                       v_tiles.size(2) * 2 == bs && v_tiles.size(3) == D && v_tiles.size(4) == 2,
                   "cache_write_tiles_: the two caches' shapes disagree");
   const Rows rk(k, "cache_write_tiles_"), rv(v, "cache_write_tiles_");
-  STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == heads && v.size(1) == heads && rk.width == D &&
-                      rv.width == D && k.size(0) == slots.size(0) && v.size(0) == slots.size(0),
-                  "cache_write_tiles_: k and v must be [tokens, Hkv, D] with one slot per token");
-  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() && v_tiles.scalar_type() == k_tiles.scalar_type(),
-                  "cache_write_tiles_: k and v must share a dtype, and so must the caches");
-  const int64_t total = k_tiles.size(0) * bs;
+  check_write(rk, rv, k, v, slots, heads, D, k_tiles.size(0) * bs, k_tiles, v_tiles, "cache_write_tiles_");
   const int64_t* slot = slots.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < slots.size(0); ++t)
-    STD_TORCH_CHECK(slot[t] >= 0 && slot[t] < total, "cache_write_tiles_: slot ", slot[t], " is outside the cache");
   const bool same = k.scalar_type() == k_tiles.scalar_type() && k_tiles.element_size() == 2;
   by_dtype(k.scalar_type(), "cache_write_tiles_", [&](auto from) {
     by_dtype(k_tiles.scalar_type(), "cache_write_tiles_", [&](auto to) {

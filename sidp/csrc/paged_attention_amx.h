@@ -104,6 +104,32 @@ inline void split_bf16(const float* x, uint16_t* hi, uint16_t* lo) {
   _mm512_storeu_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0)));
 }
 
+// Tiles 0-3 (16 heads by 16 dims each) += the probabilities in tiles 4 and 5 (hi, lo) times the values of
+// `width` dims: those of dims [16j, 16j + 16) a tile at values + j * step, rows `stride` bytes apart.
+inline void accumulate_values(const uint16_t* values, int64_t step, int64_t stride, int64_t width) {
+#define SIDP_DIMS16(j)                            \
+  if (width > 16 * (j)) {                         \
+    _tile_loadd(6, values + (j) * step, stride);  \
+    _tile_dpbf16ps(j, 4, 6);                      \
+    _tile_dpbf16ps(j, 5, 6);                      \
+  }
+  SIDP_DIMS16(0) SIDP_DIMS16(1) SIDP_DIMS16(2) SIDP_DIMS16(3)
+#undef SIDP_DIMS16
+}
+
+// out[h0 + g], dims [d0, d0 + width) = tiles 0-3's row g / the head's softmax sum, rounded to bf16, for
+// the G heads from h0; `acc` holds the 16 rows of 64 floats on the way.
+inline void store_values(float* acc, const Scratch& s, int64_t h0, int64_t G, int64_t D, int64_t d0,
+                         int64_t width, uint16_t* out) {
+  _tile_stored(0, acc, 256);
+  _tile_stored(1, acc + 16, 256);
+  _tile_stored(2, acc + 32, 256);
+  _tile_stored(3, acc + 48, 256);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < width; ++d)
+      BF16::store(acc[g * 64 + d] * s.inv_sum[h0 + g], out + (h0 + g) * D + d0 + d);
+}
+
 // acc[g][d] = sum_t e[g][t] v_t[d] for the query heads of KV head kvh, 64 dims at a time in tiles 0-3 (16
 // heads by 16 dims each); tiles 4 and 5 hold 32 tokens' probabilities (hi, lo), tile 6 their values in
 // pairs of tokens. Writes out[h] = acc[g] / sum_h, rounded to bf16.
@@ -143,24 +169,9 @@ inline void amx_values(const Problem& p, AmxScratch& a, Scratch& s, int64_t kvh,
       }
       _tile_loadd(4, a.probs_hi.data(), 64);
       _tile_loadd(5, a.probs_lo.data(), 64);
-      const uint16_t* packed = a.values.data();
-#define SIDP_DIMS16(j)                      \
-  if (width > 16 * (j)) {                   \
-    _tile_loadd(6, packed + (j) * 512, 64); \
-    _tile_dpbf16ps(j, 4, 6);                \
-    _tile_dpbf16ps(j, 5, 6);                \
-  }
-      SIDP_DIMS16(0) SIDP_DIMS16(1) SIDP_DIMS16(2) SIDP_DIMS16(3)
-#undef SIDP_DIMS16
+      accumulate_values(a.values.data(), 512, 64, width);
     }
-    _tile_stored(0, a.acc.data(), 256);
-    _tile_stored(1, a.acc.data() + 16, 256);
-    _tile_stored(2, a.acc.data() + 32, 256);
-    _tile_stored(3, a.acc.data() + 48, 256);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = kvh * G + g;
-      for (int64_t d = 0; d < width; ++d) BF16::store(a.acc[g * 64 + d] * s.inv_sum[h], out + h * D + d0 + d);
-    }
+    store_values(a.acc.data(), s, kvh * G, G, D, d0, width, out);
   }
 }
 

@@ -81,11 +81,9 @@ inline void attend_tiles_layout(const Problem& p, const Task& task, Scratch& s, 
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t t0 = 0; t0 < n16; t0 += kTile) {
-        for (int64_t g = 0; g < G; ++g) {
-          alignas(64) float e[32] = {};
-          std::memcpy(e, s.scores.data() + (kvh * G + g) * ls + t0, kTile * 4);
+        for (int64_t g = 0; g < G; ++g) {  // 32 probabilities split (a row's slack covers t0 + 32), 16 kept
           alignas(64) uint16_t hi[32], lo[32];
-          split_bf16(e, hi, lo);
+          split_bf16(s.scores.data() + (kvh * G + g) * ls + t0, hi, lo);
           std::memcpy(a.probs_hi.data() + g * kTile, hi, kTile * 2);
           std::memcpy(a.probs_lo.data() + g * kTile, lo, kTile * 2);
         }
@@ -107,23 +105,9 @@ inline void attend_tiles_layout(const Problem& p, const Task& task, Scratch& s, 
         }
         _tile_loadd(4, a.probs_hi.data(), 32);
         _tile_loadd(5, a.probs_lo.data(), 32);
-#define SIDP_DIMS16(j)                                 \
-  if (width > 16 * (j)) {                              \
-    _tile_loadd(6, values + 16 * (j) * 2, stride);     \
-    _tile_dpbf16ps(j, 4, 6);                           \
-    _tile_dpbf16ps(j, 5, 6);                           \
-  }
-        SIDP_DIMS16(0) SIDP_DIMS16(1) SIDP_DIMS16(2) SIDP_DIMS16(3)
-#undef SIDP_DIMS16
+        accumulate_values(values, 32, stride, width);
       }
-      _tile_stored(0, a.acc.data(), 256);
-      _tile_stored(1, a.acc.data() + 16, 256);
-      _tile_stored(2, a.acc.data() + 32, 256);
-      _tile_stored(3, a.acc.data() + 48, 256);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kvh * G + g;
-        for (int64_t d = 0; d < width; ++d) BF16::store(a.acc[g * 64 + d] * s.inv_sum[h], out + h * D + d0 + d);
-      }
+      store_values(a.acc.data(), s, kvh * G, G, D, d0, width, out);
     }
   }
   _tile_release();

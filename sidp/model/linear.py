@@ -93,7 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             address = torch.ops.mkldnn.data_ptr(weight)
             if address % 64 == 0:  # tile rows must not straddle cache lines (oneDNN aligns its buffers)
                 return cpu_kernels.ops().linear_amx(x, address, weight.shape[0], bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
@@ -109,6 +109,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         w = scratch[: n * in_features].view(n, in_features).copy_(weight[start : start + n])
         parts.append(F.linear(x, w, None if bias is None else bias[start : start + n].to(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's product on a `packed` weight (what `linear` runs past sidp's AMX kernel)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def on_amx_tiles(weight: torch.Tensor) -> bool:

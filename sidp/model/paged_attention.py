@@ -30,11 +30,10 @@ def paged_decode_attention(
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "bad q / cache rank"
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype"
     assert block_tables.dtype == context_lens.dtype == torch.int32, "block_tables, context_lens must be int32"
-    # q may be rows of the fused QKV projection, read in place where each row's heads are contiguous; the
-    # caches must already be contiguous.
-    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
-        q = q.contiguous()
-    return cpu_kernels.ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    # The caches must already be contiguous.
+    return cpu_kernels.ops().paged_decode_attention(
+        heads_contiguous(q), k_cache, v_cache, block_tables, context_lens, scale
+    )
 
 
 def paged_decode_attention_tiles(
@@ -47,11 +46,15 @@ def paged_decode_attention_tiles(
 ) -> torch.Tensor:
     """paged_decode_attention over a bf16 cache in the tiles layout (sidp/model/kv_cache.py): k_tiles
     [N, Hkv, D/2, block_size, 2], v_tiles [N, Hkv, block_size/2, D, 2]. CPUs with AMX only."""
-    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
-        q = q.contiguous()
     return cpu_kernels.ops().paged_decode_attention_tiles(
-        q, k_tiles, v_tiles, block_tables, context_lens, scale
+        heads_contiguous(q), k_tiles, v_tiles, block_tables, context_lens, scale
     )
+
+
+def heads_contiguous(q: torch.Tensor) -> torch.Tensor:
+    """q [B, H, D] as the kernels read it: each sequence's heads contiguous. Rows of the fused QKV
+    projection already are, and are read in place; anything else is copied."""
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
 
 
 def paged_decode_attention_reference(
