@@ -258,6 +258,8 @@ def plan_memory(
     driver's tokenizer, for a replica in the driver's process (sidp.runtime_memory; 0 where the budget is
     a GPU's)."""
     weights = pooled_weights(spec, dtype, share, device) if share else weight_bytes(spec, dtype.itemsize)
+    # Norm weights are held in the compute dtype (sidp.model.decoder): float32 where bf16 is widened.
+    weights["norms"] = weights["norms"] // dtype.itemsize * compute_dtype(dtype, device).itemsize
     workspace = workspace_bytes(spec, dtype, max_num_batched_tokens, max_num_seqs, device)
     block_bytes = spec.kv_bytes_per_token(dtype.itemsize) * block_size
     longest = max_model_len or spec.max_position_embeddings

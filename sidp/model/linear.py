@@ -81,9 +81,20 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     The packed tensor takes the place of the plain one (same bytes); only `linear` can read it.
     """
     cpu_native = weight.device.type == "cpu" and weight.dtype != torch.float32 and native_matmul(weight.dtype)
-    if weight.dim() != 2 or not cpu_native:
+    if weight.dim() != 2 or not cpu_native or not _onednn_packs(weight.dtype):
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU: bf16 needs AVX-512 or AVX-NE-CONVERT, which an
+    AVX2 CPU lacks (where only a forced native_matmul asks)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(32, 32, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
