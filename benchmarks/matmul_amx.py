@@ -27,9 +27,9 @@ SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (5
 LAYERS = 30
 
 
-def step_ms(weights: list[dict], rows: int, product, repeats: int = 11) -> float:
+def step_ms(weights: list[dict], rows: int, product, repeats: int = 11, dtype=torch.bfloat16) -> float:
     """Median ms of one step: every layer's four products on `rows` rows."""
-    xs = {name: torch.randn(rows, k, dtype=torch.bfloat16) for name, (_, k) in SHAPES.items()}
+    xs = {name: torch.randn(rows, k, dtype=dtype) for name, (_, k) in SHAPES.items()}
 
     def step():
         for layer in weights:

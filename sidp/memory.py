@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sidp.errors import DoesNotFit, SidpError
-from sidp.model.linear import compute_dtype, native_matmul, scratch_bytes
+from sidp.model.linear import compute_dtype, packs, scratch_bytes
 from sidp.model.spec import ModelSpec
 
 _UNITS = {
@@ -227,7 +227,7 @@ TIED_HEAD_COPY_MAX_SHARE = 1 / 8
 
 def tied_head_copy_bytes(spec: ModelSpec, dtype: torch.dtype, share: PoolShare | None, device: str) -> int:
     """The bytes of the packed copy a tied head would take on this replica; 0 where none is made."""
-    if not spec.tie_word_embeddings or device != "cpu" or dtype == torch.float32 or not native_matmul(dtype):
+    if not spec.tie_word_embeddings or device != "cpu" or not packs(dtype):
         return 0
     if share and "embed" in share.parts:  # the pool serves the head
         return 0

@@ -34,6 +34,21 @@ def test_same_dtype_is_plain_linear():
     assert torch.equal(linear.linear(x, w), F.linear(x, w))
 
 
+def test_a_packed_float32_weight_multiplies_as_the_plain_one(monkeypatch):
+    """Where float32 weights are packed for oneDNN (AMD CPUs: linear.packs), forced here on any CPU."""
+    monkeypatch.setattr(linear, "packs", lambda dtype: True)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(2, 5, 40, generator=g),
+        torch.randn(100, 40, generator=g),
+        torch.randn(100, generator=g),
+    )
+    weight = linear.packed(w)
+    assert weight.is_mkldnn and weight.shape == w.shape
+    torch.testing.assert_close(linear.linear(x, weight, b), F.linear(x, w, b))
+    torch.testing.assert_close(linear.linear(x[0], weight), F.linear(x[0], w))
+
+
 def test_compute_dtype():
     assert linear.compute_dtype(torch.float32) == torch.float32
     wide = linear.compute_dtype(torch.bfloat16)

@@ -10,7 +10,7 @@ from helpers import over_runtime
 
 from sidp import LLM, SamplingParams, memory, runtime_memory
 from sidp.model.checkpoint import load_decoder, load_tokenizer, read_config
-from sidp.model.linear import native_matmul
+from sidp.model.linear import packs
 from sidp.model.spec import ModelSpec
 
 
@@ -49,7 +49,7 @@ def test_start_up_prints_vllm_lines(tiny_model, capfd):
 
 def test_a_tied_head_gets_its_packed_copy_only_where_it_is_cheap(tiny_model, monkeypatch):
     """The copy is counted as weights, and made only where it is at most 1/8 of what the KV cache gets."""
-    monkeypatch.setattr(memory, "native_matmul", lambda dtype: True)  # the arithmetic, on any CPU
+    monkeypatch.setattr(memory, "packs", lambda dtype: dtype != torch.float32)  # the arithmetic, on any CPU
     spec = ModelSpec.from_hf_config(read_config(tiny_model("qwen2", True)))
     copy = spec.vocab_size * spec.hidden_size * 2
 
@@ -69,9 +69,11 @@ def test_a_tied_head_gets_its_packed_copy_only_where_it_is_cheap(tiny_model, mon
     assert not plan(64 * 2**20, spec=untied).packs_tied_head
 
 
-@pytest.mark.skipif(not native_matmul(torch.bfloat16), reason="the copy is made only where bf16 is native")
-def test_a_packed_tied_head_samples_what_the_plain_one_does(tiny_model):
-    llm = LLM(tiny_model("qwen2", True), dtype="bfloat16", memory_per_replica=over_runtime("64MiB"))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_packed_tied_head_samples_what_the_plain_one_does(tiny_model, dtype):
+    if not packs(getattr(torch, dtype)):
+        pytest.skip(f"this CPU multiplies {dtype} weights unpacked (sidp.model.linear.packs)")
+    llm = LLM(tiny_model("qwen2", True), dtype=dtype, memory_per_replica=over_runtime("64MiB"))
     model = llm.engine.runner.model
     assert llm.engine.plan.packs_tied_head and model.lm_head.is_mkldnn
     prompts = [{"prompt_token_ids": [5, 9, 14, 3]}, {"prompt_token_ids": [7, 7, 2]}]

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 import threading
 
 import torch
 import torch.nn.functional as F
 
+from sidp.machine import cpuinfo
 from sidp.model import cpu_kernels
 
 MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening the weight (measured)
@@ -71,17 +73,24 @@ def scratch_bytes(dtype: torch.dtype, device: str = "cpu") -> int:
     return 0 if compute_dtype(dtype, device) == dtype else SCRATCH_ELEMENTS * 4
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` in oneDNN's blocked layout where that multiplies faster, else `weight` itself.
+def packs(dtype: torch.dtype) -> bool:
+    """Whether `packed` puts weights of `dtype` in oneDNN's layout on this CPU.
 
-    On a CPU that multiplies bf16/fp16 in hardware, a prepacked weight spares oneDNN its per-call
-    reordering: 1.4-1.8x for 1 to 256 rows of SmolLM2's gate/up on an AMX Xeon (`python
-    benchmarks/matmul_dtypes.py`, docs/bench/matmul-dtypes-amx.json). float32 goes to MKL, where
-    packing measured no faster in a scratch test.
-    The packed tensor takes the place of the plain one (same bytes); only `linear` can read it.
+    16-bit weights, where the CPU multiplies them in hardware: a prepacked weight spares oneDNN its
+    per-call reordering, 1.4-1.8x for 1 to 256 rows of SmolLM2's gate/up on an AMX Xeon
+    (docs/bench/matmul-dtypes-amx.json). float32 weights on AMD CPUs, where oneDNN multiplies a decode
+    step's products faster than MKL, PyTorch's float32 route (benchmarks/matmul_float32.py,
+    docs/BENCHMARKS.md); on Intel's, MKL measured as fast and float32 stays with it.
     """
-    cpu_native = weight.device.type == "cpu" and weight.dtype != torch.float32 and native_matmul(weight.dtype)
-    if weight.dim() != 2 or not cpu_native or not _onednn_packs(weight.dtype):
+    if dtype == torch.float32:
+        return platform.machine() in ("x86_64", "AMD64") and cpuinfo("vendor_id") == "AuthenticAMD"
+    return native_matmul(dtype) and _onednn_packs(dtype)
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's blocked layout where that multiplies faster (`packs`), else `weight` itself.
+    The packed tensor takes the place of the plain one (same bytes); only `linear` can read it."""
+    if weight.dim() != 2 or weight.device.type != "cpu" or not packs(weight.dtype):
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
