@@ -1,5 +1,6 @@
 """Markdown tables of the JSONs benchmarks/*.py write: the profile, the attention kernel, matrix products by
-dtype and on AMX tiles, the fault soak (sidp/bench/doc_tables.py puts them between their markers)."""
+dtype, on AMX tiles and in float32, the fault soak (sidp/bench/doc_tables.py puts them between their
+markers)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,34 @@ def matmul_amx(paths: list[str], docs: list[dict], options: dict[str, str]) -> s
     return floor + table(head, rows, "rrrr")
 
 
+def matmul_float32(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/matmul_float32.py: a float32 decode step's products and LM head, MKL against oneDNN."""
+
+    def runs(r: dict, key: str) -> str:
+        return " / ".join(f"{t:.2f}" for t in r[key])
+
+    def ratio(r: dict, part: str) -> str:
+        return f"{min(r[f'onednn_{part}_ms']) / min(r[f'mkl_{part}_ms']):.2f}"
+
+    rows = [
+        [
+            str(r["rows"]),
+            runs(r, "mkl_step_ms"),
+            runs(r, "onednn_step_ms"),
+            ratio(r, "step"),
+            runs(r, "mkl_head_ms"),
+            runs(r, "onednn_head_ms"),
+            ratio(r, "head"),
+        ]
+        for r in docs[0]["rows"]
+    ]
+    head = (
+        "rows | step: MKL, ms (two runs) | step: oneDNN, ms (two runs) | oneDNN / MKL | "
+        "LM head: MKL, ms | LM head: oneDNN, ms | oneDNN / MKL"
+    )
+    return table(head, rows, "rrrrrrr")
+
+
 def fault_soak(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/fault_soak.py: each fault case's runs, how long the group took to stop, what it left."""
     rows = [
@@ -115,5 +144,6 @@ KINDS: dict[str, Renderer] = {
     "attention": attention,
     "matmul-dtypes": matmul_dtypes,
     "matmul-amx": matmul_amx,
+    "matmul-float32": matmul_float32,
     "fault-soak": fault_soak,
 }

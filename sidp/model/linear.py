@@ -10,7 +10,8 @@ of a bf16 GEMM with a float32 accumulator). How big a chunk depends on the produ
 small enough to stay in the core's L2 cache, while many rows, or two threads, go faster through the
 largest chunks; a single row is cheaper narrowed to bf16 instead.
 
-Where the CPU multiplies bf16 in hardware, weights are packed for oneDNN once (`packed`). On AMX, a
+Where the CPU multiplies bf16 in hardware, weights are packed for oneDNN once (`packed`); so are float32
+weights on AMD CPUs, where oneDNN multiplies float32 faster than MKL (`packs`). On AMX, a
 product of few rows (a decode step's) then runs on sidp's own tile kernel, which reads oneDNN's packed
 bytes in place: no second copy of any weight.
 """
