@@ -50,3 +50,9 @@ def flags_text(flags: dict[str, bool]) -> str:
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 "flags", arm64 "Features"); empty where /proc/cpuinfo is missing."""
     return frozenset((cpuinfo("flags", "Features") or "").split())
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 vendor ("GenuineIntel", "AuthenticAMD"); empty off x86 Linux."""
+    return cpuinfo("vendor_id") or ""

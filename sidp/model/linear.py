@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from sidp.machine import cpuinfo
+from sidp.machine import cpu_vendor
 from sidp.model import cpu_kernels
 
 MIN_ROWS_TO_WIDEN = 2  # below this, narrowing the activations beats widening the weight (measured)
@@ -84,7 +83,7 @@ def packs(dtype: torch.dtype) -> bool:
     docs/BENCHMARKS.md); on Intel's, MKL measured as fast and float32 stays with it.
     """
     if dtype == torch.float32:
-        return platform.machine() in ("x86_64", "AMD64") and cpuinfo("vendor_id") == "AuthenticAMD"
+        return cpu_vendor() == "AuthenticAMD"
     return native_matmul(dtype) and _onednn_packs(dtype)
 
 
