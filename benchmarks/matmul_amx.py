@@ -10,16 +10,11 @@ two alternate, twice each, so that a noisy host shows in the spread. Writes JSON
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from sidp.bench.report import machine_info
+from sidp.bench.report import script_args, write_script_report
 from sidp.bench.timing import median_ms
 from sidp.model import linear
 
@@ -55,14 +50,9 @@ def call_us(product) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=Path("bench-results/matmul-amx.json"))
-    args = parser.parse_args()
+    args = script_args("matmul_amx")
     if not linear.on_amx_tiles(linear.packed(torch.zeros(SHAPES["o"], dtype=torch.bfloat16))):
         sys.exit("this CPU (or SIDP_CPU_ISA) runs no AMX path: nothing to compare")
-    loadavg = os.getloadavg()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     plain = [{n: torch.randn(s, dtype=torch.bfloat16) for n, s in SHAPES.items()} for _ in range(LAYERS)]
     weights = [{name: linear.packed(w) for name, w in layer.items()} for layer in plain]
@@ -85,10 +75,7 @@ def main() -> None:
             f"{rows:>5} {' '.join(f'{t:8.2f}' for t in runs['onednn_ms']):>18} "
             f"{' '.join(f'{t:8.2f}' for t in runs['sidp_ms']):>18} {row['ratio']:>6.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": f"python benchmarks/matmul_amx.py --threads {args.threads} --out {args.out}",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "amx_max_rows": linear.AMX_MAX_ROWS,
         "read_ms": floor,
         "call_on_32x32": calls,
@@ -96,8 +83,7 @@ def main() -> None:
         "shapes": SHAPES,
         "rows": rows_out,
     }
-    args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_script_report("matmul_amx", args, report)
 
 
 if __name__ == "__main__":

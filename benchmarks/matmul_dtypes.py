@@ -11,27 +11,16 @@ chunks, a single row narrowed to bf16 instead). Writes JSON too.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from datetime import datetime, timezone
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from sidp.bench.report import machine_info
+from sidp.bench.report import script_args, write_script_report
 from sidp.bench.timing import median_ms
 from sidp.model.linear import compute_dtype, linear, native_matmul, onednn_linear, packed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=Path("bench-results/matmul-dtypes.json"))
-    args = parser.parse_args()
-    loadavg = os.getloadavg()
-    torch.set_num_threads(args.threads)
+    args = script_args("matmul_dtypes")
     weight = torch.randn(3072, 576, dtype=torch.bfloat16)
     weight32 = weight.float()
     scratch = torch.empty_like(weight32)
@@ -54,14 +43,10 @@ def main() -> None:
         }
         rows_out.append(row)
         print(" ".join(f"{row[c]:>9.2f}" if row[c] is not None else f"{'-':>9}" for c in columns))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": f"python benchmarks/matmul_dtypes.py --threads {args.threads} --out {args.out}",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows_out,
     }
-    args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_script_report("matmul_dtypes", args, report)
 
 
 if __name__ == "__main__":

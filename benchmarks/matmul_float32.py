@@ -10,17 +10,11 @@ SmolLM2's four projections through 30 layers of distinct weights (425 MB in floa
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from datetime import datetime, timezone
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from matmul_amx import LAYERS, SHAPES, step_ms
 
-from sidp.bench.report import machine_info
+from sidp.bench.report import script_args, write_script_report
 from sidp.bench.timing import median_ms
 from sidp.model import linear
 
@@ -28,12 +22,7 @@ LM_HEAD = (49152, 576)  # SmolLM2's (tied) head
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=Path("bench-results/matmul-float32.json"))
-    args = parser.parse_args()
-    loadavg = os.getloadavg()
-    torch.set_num_threads(args.threads)
+    args = script_args("matmul_float32")
     torch.manual_seed(0)
     pack = torch.ops.mkldnn._reorder_linear_weight
     plain = [{n: torch.randn(s) for n, s in SHAPES.items()} for _ in range(LAYERS)]
@@ -55,17 +44,13 @@ def main() -> None:
         rows_out.append(row)
         cells = [" ".join(f"{t:8.2f}" for t in row[k]) for k in list(row)[1:]]
         print(f"{rows:>5} " + " ".join(f"{c:>18}" for c in cells))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": f"python benchmarks/matmul_float32.py --threads {args.threads} --out {args.out}",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sidp_packs_float32": linear.packs(torch.float32),
         "layers": LAYERS,
         "shapes": {**SHAPES, "lm_head": LM_HEAD},
         "rows": rows_out,
     }
-    args.out.write_text(json.dumps({**report, "machine": machine_info(loadavg)}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_script_report("matmul_float32", args, report)
 
 
 if __name__ == "__main__":

@@ -75,13 +75,18 @@ def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -
     return table(" | ".join(["rows", *columns]), rows, "r" * 6)
 
 
+def runs(times: list[float]) -> str:
+    """A benchmark's repeated runs of one figure, "1.23 / 1.25"."""
+    return " / ".join(f"{t:.2f}" for t in times)
+
+
 def matmul_amx(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/matmul_amx.py: a decode step's 30 layers of products, oneDNN against sidp's AMX kernel."""
     rows = [
         [
             str(r["rows"]),
-            " / ".join(f"{t:.2f}" for t in r["onednn_ms"]),
-            " / ".join(f"{t:.2f}" for t in r["sidp_ms"]),
+            runs(r["onednn_ms"]),
+            runs(r["sidp_ms"]),
             f"{r['ratio']:.2f}",
         ]
         for r in docs[0]["rows"]
@@ -98,20 +103,17 @@ def matmul_amx(paths: list[str], docs: list[dict], options: dict[str, str]) -> s
 def matmul_float32(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/matmul_float32.py: a float32 decode step's products and LM head, MKL against oneDNN."""
 
-    def runs(r: dict, key: str) -> str:
-        return " / ".join(f"{t:.2f}" for t in r[key])
-
     def ratio(r: dict, part: str) -> str:
         return f"{min(r[f'onednn_{part}_ms']) / min(r[f'mkl_{part}_ms']):.2f}"
 
     rows = [
         [
             str(r["rows"]),
-            runs(r, "mkl_step_ms"),
-            runs(r, "onednn_step_ms"),
+            runs(r["mkl_step_ms"]),
+            runs(r["onednn_step_ms"]),
             ratio(r, "step"),
-            runs(r, "mkl_head_ms"),
-            runs(r, "onednn_head_ms"),
+            runs(r["mkl_head_ms"]),
+            runs(r["onednn_head_ms"]),
             ratio(r, "head"),
         ]
         for r in docs[0]["rows"]

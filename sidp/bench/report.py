@@ -5,8 +5,11 @@ instructions, which decide a bf16 figure more than any engine does)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -121,3 +124,27 @@ def machine_line(m: dict) -> str:
         f"{m['torch_threads']} torch threads, torch {m['torch']}; "
         f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg'][0]:.2f} after"
     )
+
+
+def script_args(name: str) -> argparse.Namespace:
+    """--threads and --out of the microbenchmark benchmarks/NAME.py; sets torch's threads and keeps the load
+    average from before the work (args.loadavg)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path(f"bench-results/{name.replace('_', '-')}.json"))
+    args = parser.parse_args()
+    args.loadavg = os.getloadavg()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def write_script_report(name: str, args: argparse.Namespace, report: dict) -> None:
+    """Writes `report` to args.out after the command that makes it and its time, and before the machine."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    head = {
+        "command": f"python benchmarks/{name}.py --threads {args.threads} --out {args.out}",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    whole = {**head, **report, "machine": machine_info(args.loadavg)}
+    args.out.write_text(json.dumps(whole, indent=2) + "\n")
+    print(f"wrote {args.out}")
