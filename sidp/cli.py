@@ -6,6 +6,7 @@ A mistake the user can fix ends in one line on stderr and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -256,5 +257,14 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def run() -> None:
+    """The `sidp` command. Before the interpreter exits, the collector is told to leave every object
+    alone: its last passes over torch's and transformers' objects took 0.5-0.8 s of each command, and
+    free nothing that matters at exit (files are closed, replicas stopped; atexit handlers still run)."""
+    status = main()
+    gc.freeze()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,5 +1,5 @@
 """Markdown tables of the JSONs benchmarks/*.py write: the profile, the attention kernel, matrix products by
-dtype, on AMX tiles and in float32, the fault soak (sidp/bench/doc_tables.py puts them between their
+dtype, on AMX tiles and in float32, the fault soak, start-up (sidp/bench/doc_tables.py puts them between their
 markers)."""
 
 from __future__ import annotations
@@ -140,6 +140,24 @@ def fault_soak(paths: list[str], docs: list[dict], options: dict[str, str]) -> s
     return f"{docs[0]['runs_per_case']} runs of each case:\n\n" + table(head, rows, "lrrrrl")
 
 
+def startup(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
+    """benchmarks/startup.py: `sidp generate` of one prompt, each source tree's runs and their phases."""
+    runs_of = docs[0]["runs"]
+    rows = [
+        [
+            tree,
+            runs([r["wall_s"] for r in rs]),
+            *(f"{docs[0]['medians'][tree][k]:.2f}" for k in ("plan_s", "results_s", "exit_s", "wall_s", "cpu_s")),
+        ]
+        for tree, rs in runs_of.items()
+    ]
+    head = (
+        "tree | whole command, s (each run) | median s: to the plan | to the results | exit after them | "
+        "whole command | CPU s"
+    )
+    return table(head, rows, "lrrrrrr")
+
+
 KINDS: dict[str, Renderer] = {
     "profile": profile,
     "profile-vs-peer": profile_vs_peer,
@@ -148,4 +166,5 @@ KINDS: dict[str, Renderer] = {
     "matmul-amx": matmul_amx,
     "matmul-float32": matmul_float32,
     "fault-soak": fault_soak,
+    "startup": startup,
 }

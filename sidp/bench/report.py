@@ -138,11 +138,12 @@ def script_args(name: str) -> argparse.Namespace:
     return args
 
 
-def write_script_report(name: str, args: argparse.Namespace, report: dict) -> None:
-    """Writes `report` to args.out after the command that makes it and its time, and before the machine."""
+def write_script_report(name: str, args: argparse.Namespace, report: dict, command: str = "") -> None:
+    """Writes `report` to args.out after the command that makes it (by default benchmarks/NAME.py with
+    the arguments of script_args) and its time, and before the machine."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     head = {
-        "command": f"python benchmarks/{name}.py --threads {args.threads} --out {args.out}",
+        "command": command or f"python benchmarks/{name}.py --threads {args.threads} --out {args.out}",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     whole = {**head, **report, "machine": machine_info(args.loadavg)}
