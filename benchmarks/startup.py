@@ -28,7 +28,8 @@ MARKS = {"plan_s": "starting ", "results_s": "requests: "}  # phase -> the start
 
 def timed_run(tree: Path, max_tokens: int) -> dict:
     """One `sidp generate` from `tree`'s sources: seconds to each mark, to the exit, and CPU seconds."""
-    command = [sys.executable, "-m", "sidp.cli", "generate", "--prompt", PROMPT, "--max-tokens", str(max_tokens)]
+    command = [sys.executable, "-m", "sidp.cli", "generate", "--prompt", PROMPT]
+    command += ["--max-tokens", str(max_tokens)]
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}  # and `-m` looks in cwd first
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -67,9 +68,7 @@ def main() -> None:
         for name, tree in trees.items():
             runs[name].append(timed_run(Path(tree), args.max_tokens))
             print(f"{name:>16} run {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()))
-    medians = {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
-    }
+    medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     for name, m in medians.items():
         print(f"{name:>16} median: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
     tree_args = "".join(f" --tree '{name}={tree}'" for name, tree in trees.items()) if args.tree else ""

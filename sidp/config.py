@@ -44,7 +44,6 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     memory_per_replica: int
-    eos_token_ids: tuple[int, ...]
     block_size: int = 16
     enable_prefix_caching: bool = True
     placement: Placement | None = None  # None: every replica holds every layer (plain DP)

@@ -51,8 +51,8 @@ class EngineArgs:
     # does, so that what the replica holds is measured apart from the bench, like vLLM's engine core).
     replica_process: bool = False
 
-    def resolve(self, spec: ModelSpec, hf_config: dict, eos_token_ids: tuple[int, ...]) -> GroupPlan:
-        """The group plan for a model already read (its spec, config.json and EOS ids); raises SidpError
+    def resolve(self, spec: ModelSpec, hf_config: dict) -> GroupPlan:
+        """The group plan for a model already read (its spec and config.json); raises SidpError
         (DoesNotFit for a budget too small) with what to change."""
         self._check()
         device = self._device()
@@ -90,7 +90,6 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             memory_per_replica=tightest.budget,
-            eos_token_ids=eos_token_ids,
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
             placement=layout,

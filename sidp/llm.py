@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -63,8 +64,7 @@ class LLM:
         self.model_path = Path(args.model)
         hf_config = read_config(self.model_path)
         self.spec = ModelSpec.from_hf_config(hf_config)
-        self.tokenizer = load_tokenizer(self.model_path)
-        plan = args.resolve(self.spec, hf_config, self._eos_token_ids())
+        plan = args.resolve(self.spec, hf_config)
         self.config, self.plans = plan.config, list(plan.plans)
         self.max_model_len = plan.config.max_model_len
         if plan.pooled and plan.plain is None:
@@ -83,6 +83,7 @@ class LLM:
             logger.info("%s", line)
         self._next_request_id = 0
         if args.in_driver:
+            self.tokenizer = load_tokenizer(self.model_path)
             # Stop strings decode with the driver's tokenizer, which the ledger counts for this replica.
             decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
             self.engine = LLMEngine(self.config, self.spec, plan.plans[0], decode=decode)
@@ -94,13 +95,12 @@ class LLM:
                 "s" if plan.size > 1 else "",
                 plan.describe(),
             )
-            self._backend = ReplicaGroup(self.config, self.spec, self.plans)
-
-    def _eos_token_ids(self) -> tuple[int, ...]:
-        ids = set(self.spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return tuple(sorted(ids))
+            self.tokenizer, self._backend = _while_loading_tokenizer(
+                self.model_path, lambda: ReplicaGroup(self.config, self.spec, self.plans)
+            )
+        # What ends a request unless ignore_eos, as in vLLM: the tokenizer's EOS and the model config's.
+        ids = {*self.spec.eos_token_ids, self.tokenizer.eos_token_id} - {None}
+        self.eos_token_ids = tuple(sorted(ids))
 
     # --- public API --------------------------------------------------------------------------------
 
@@ -169,18 +169,20 @@ class LLM:
             )
         return ids
 
-    @staticmethod
-    def _per_request(params: SamplingParams | Seq[SamplingParams] | None, count: int) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams()] * count
-        if isinstance(params, SamplingParams):
-            return [params] * count
+    def _per_request(
+        self, params: SamplingParams | Seq[SamplingParams] | None, count: int
+    ) -> list[SamplingParams]:
+        """Each request's params, with the model's EOS ids (on copies: the caller's stay as they were)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * count
         params = list(params)
         if len(params) != count:
             raise SidpError(
                 f"Got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt."
             )
-        return params
+        distinct = {id(p): p for p in params}  # one copy per object, however many requests share it
+        copies = {i: dataclasses.replace(p, _eos_token_ids=self.eos_token_ids) for i, p in distinct.items()}
+        return [copies[id(p)] for p in params]
 
     def _run(self, texts, token_lists, params, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
         bar = tqdm(total=len(token_lists), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
@@ -251,6 +253,31 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _while_loading_tokenizer(path: Path, start: Callable[[], ReplicaGroup]) -> tuple:
+    """(the model's tokenizer, start()): the tokenizer loads in a thread of this process while the replicas
+    start in theirs (transformers' import alone takes seconds). Should either fail, the group is stopped."""
+    loaded: dict = {}
+
+    def load() -> None:
+        try:
+            loaded["tokenizer"] = load_tokenizer(path)
+        except BaseException as error:  # raised in the caller's thread, below
+            loaded["error"] = error
+
+    # daemon: an interrupted start need not wait for transformers to finish importing
+    thread = threading.Thread(target=load, name="sidp-tokenizer", daemon=True)
+    thread.start()
+    group = start()
+    try:
+        thread.join()
+        if "error" in loaded:
+            raise loaded["error"]
+    except BaseException:  # the tokenizer's error, or Ctrl-C while waiting for it
+        group.close(at_once=True)
+        raise
+    return loaded["tokenizer"], group
 
 
 def _is_single_prompt(prompts) -> bool:

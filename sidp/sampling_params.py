@@ -20,6 +20,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stop: list[str] | str | None = None  # strings that end the request; the text stops before them
+    # The model's end-of-sequence ids, which end the request unless ignore_eos: set by LLM from the model's
+    # config and its tokenizer (as vLLM's processor sets them from its tokenizer), not by users.
+    _eos_token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

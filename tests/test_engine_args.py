@@ -41,7 +41,7 @@ def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model)
         sidp_mode="map",
         pooled_parts="mlp,attn",
     )
-    plan = args.resolve(spec, config, (2,))
+    plan = args.resolve(spec, config)
     assert plan.size == 3 and plan.pooled and plan.config.device == "cpu"
     assert plan.config.sidp_mode == "map" and plan.config.pooled_parts == {"mlp", "attn"}
     assert [p.budget for p in plan.plans] == [int(over_runtime("64MiB"))] * 3
@@ -49,7 +49,7 @@ def test_resolve_gives_one_immutable_plan_with_every_replicas_ledger(tiny_model)
     assert plan.config.max_model_len == min(spec.max_position_embeddings, plan.tightest.kv_tokens)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.config = None
-    plain = dataclasses.replace(args, weight_sharing="none").resolve(spec, config, (2,))
+    plain = dataclasses.replace(args, weight_sharing="none").resolve(spec, config)
     assert plain.size == 3 and not plain.pooled and plain.plans == (plan.plain,) * 3
 
 

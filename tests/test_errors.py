@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import shutil
+
 import pytest
 from helpers import budget_for_blocks, over_runtime
 
@@ -105,3 +108,15 @@ def test_interrupted_generate_leaves_the_engine_clean(llm, monkeypatch):
     assert engine.scheduler.block_manager.num_free_blocks == len(engine.scheduler.block_manager.blocks)
     out = llm.generate(["abc"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 3
+
+
+def test_a_tokenizer_that_cannot_load_stops_the_replicas_started_beside_it(tiny_model, tmp_path):
+    """The tokenizer loads while a group's replicas start; when it fails, the group is stopped."""
+    source = tiny_model("llama")
+    for file in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(source / file, tmp_path / file)
+    # the replicas' stop-string decoder reads tokenizer.json alone; transformers cannot use this class name
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": 5}')
+    with pytest.raises(SidpError, match="Cannot load the tokenizer"):
+        LLM(tmp_path, dtype="float32", memory_per_replica=over_runtime("64MiB"), data_parallel_size=2)
+    assert multiprocessing.active_children() == []

@@ -87,18 +87,31 @@ def test_stop_token_ends_request(llm):
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
-def test_eos_stops_unless_ignored(llm):
+@pytest.fixture(scope="module")
+def group(tiny_model):
+    with LLM(
+        tiny_model("llama"), dtype="float32", memory_per_replica=over_runtime("64MiB"), data_parallel_size=2
+    ) as group:
+        yield group
+
+
+@pytest.mark.parametrize("where", ["llm", "group"])
+def test_eos_stops_unless_ignored(where, request):
+    """The EOS ids travel with each request: to a replica in this process and to a group's."""
+    llm = request.getfixturevalue(where)
     prompt, full = greedy_continuation(llm)
     eos = full[4]
-    saved = llm.engine.config.eos_token_ids
-    llm.engine.config.eos_token_ids = (eos,)
+    saved = llm.eos_token_ids
+    llm.eos_token_ids = (eos,)
+    params = SamplingParams(temperature=0, max_tokens=20)
     try:
-        stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+        stopped = llm.generate([prompt], params, use_tqdm=False)[0]
         ignored = llm.generate(
             [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
         )[0]
     finally:
-        llm.engine.config.eos_token_ids = saved
+        llm.eos_token_ids = saved
+    assert params._eos_token_ids == ()  # the caller's params are left as they were
     assert stopped.outputs[0].token_ids == full[: full.index(eos) + 1]
     assert (stopped.outputs[0].finish_reason, stopped.outputs[0].stop_reason) == ("stop", None)
     assert ignored.outputs[0].token_ids == full

@@ -142,14 +142,10 @@ def fault_soak(paths: list[str], docs: list[dict], options: dict[str, str]) -> s
 
 def startup(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
     """benchmarks/startup.py: `sidp generate` of one prompt, each source tree's runs and their phases."""
-    runs_of = docs[0]["runs"]
+    medians, phases = docs[0]["medians"], ("plan_s", "results_s", "exit_s", "wall_s", "cpu_s")
     rows = [
-        [
-            tree,
-            runs([r["wall_s"] for r in rs]),
-            *(f"{docs[0]['medians'][tree][k]:.2f}" for k in ("plan_s", "results_s", "exit_s", "wall_s", "cpu_s")),
-        ]
-        for tree, rs in runs_of.items()
+        [tree, runs([r["wall_s"] for r in rs]), *(f"{medians[tree][k]:.2f}" for k in phases)]
+        for tree, rs in docs[0]["runs"].items()
     ]
     head = (
         "tree | whole command, s (each run) | median s: to the plan | to the results | exit after them | "

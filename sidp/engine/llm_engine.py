@@ -135,7 +135,7 @@ class LLMEngine:
         if p.stop and (hit := self._stop_string(seq)) is not None:
             seq.finish_reason, seq.stop_reason = "stop", hit
             return True
-        if not p.ignore_eos and token in self.config.eos_token_ids:
+        if not p.ignore_eos and token in p._eos_token_ids:
             seq.finish_reason = "stop"
             return True
         if seq.num_tokens >= seq.max_total_tokens:

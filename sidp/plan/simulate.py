@@ -102,7 +102,6 @@ def planned_engines(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         memory_per_replica=0,
-        eos_token_ids=(),
         enable_prefix_caching=False,  # the planner's prompts are placeholders, not text to share
     )
     return [LLMEngine(config, spec, plan, runner=r) for plan, r in zip(cap.plans, runners, strict=True)]
