@@ -126,17 +126,26 @@ def test_a_rerun_skips_finished_ids_and_drops_a_cut_line(model, tmp_path):
     assert read_output(partial) == reference
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_job_killed_at_a_random_point_resumes_to_the_same_results(model, tmp_path, seed):
-    """SIGKILL a real `sidp generate` process (the driver of two replicas, as `kill -9 PID` or the OOM
-    killer would) after a random number of results, then rerun the same command: every id once, the
-    same greedy outputs as an uninterrupted run, nothing left in /dev/shm."""
-    source, target, whole = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+@pytest.fixture(scope="module")
+def group_job(model, tmp_path_factory) -> tuple[list[str], dict[str, dict]]:
+    """The command of a two-replica job over 24 requests, and the results of an uninterrupted run of it."""
+    folder = tmp_path_factory.mktemp("group-job")
+    source, whole = folder / "in.jsonl", folder / "whole.jsonl"
     write_lines(source, [{"id": f"r{i}", "prompt": f"request {i}", "max_tokens": 24} for i in range(24)])
     argv = [sys.executable, "-m", "sidp.cli", "generate", *engine_args(model), "--temperature", "0"]
     argv += ["--dp", "2", "--max-num-seqs", "2", "--input", str(source)]
-    shm_before = shm_entries()
     assert subprocess.run([*argv, "--output", str(whole)], capture_output=True, timeout=300).returncode == 0
+    return argv, read_output(whole)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_job_killed_at_a_random_point_resumes_to_the_same_results(group_job, tmp_path, seed):
+    """SIGKILL a real `sidp generate` process (the driver of two replicas, as `kill -9 PID` or the OOM
+    killer would) after a random number of results, then rerun the same command: every id once, the
+    same greedy outputs as an uninterrupted run, nothing left in /dev/shm."""
+    argv, whole = group_job
+    target = tmp_path / "out.jsonl"
+    shm_before = shm_entries()
     kill_after = 1 + (seed * 7) % 20
     job = subprocess.Popen([*argv, "--output", str(target)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -148,7 +157,7 @@ def test_a_job_killed_at_a_random_point_resumes_to_the_same_results(model, tmp_p
     assert job.wait(timeout=30) == -signal.SIGKILL  # killed mid-job, not finished before the kill
     assert target.read_bytes().count(b"\n") < 24
     assert subprocess.run([*argv, "--output", str(target)], capture_output=True, timeout=300).returncode == 0
-    assert read_output(target) == read_output(whole)
+    assert read_output(target) == whole
     assert not new_shm_entries(shm_before, wait_s=10)  # the orphaned replicas notice and exit
 
 
