@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from pathlib import Path
 
 from tqdm import tqdm
@@ -258,26 +259,22 @@ class LLM:
 def _while_loading_tokenizer(path: Path, start: Callable[[], ReplicaGroup]) -> tuple:
     """(the model's tokenizer, start()): the tokenizer loads in a thread of this process while the replicas
     start in theirs (transformers' import alone takes seconds). Should either fail, the group is stopped."""
-    loaded: dict = {}
+    tokenizer: Future = Future()
 
     def load() -> None:
         try:
-            loaded["tokenizer"] = load_tokenizer(path)
-        except BaseException as error:  # raised in the caller's thread, below
-            loaded["error"] = error
+            tokenizer.set_result(load_tokenizer(path))
+        except BaseException as error:  # raised in the caller's thread by result()
+            tokenizer.set_exception(error)
 
     # daemon: an interrupted start need not wait for transformers to finish importing
-    thread = threading.Thread(target=load, name="sidp-tokenizer", daemon=True)
-    thread.start()
+    threading.Thread(target=load, name="sidp-tokenizer", daemon=True).start()
     group = start()
     try:
-        thread.join()
-        if "error" in loaded:
-            raise loaded["error"]
+        return tokenizer.result(), group
     except BaseException:  # the tokenizer's error, or Ctrl-C while waiting for it
         group.close(at_once=True)
         raise
-    return loaded["tokenizer"], group
 
 
 def _is_single_prompt(prompts) -> bool:
