@@ -169,7 +169,9 @@ def test_a_stopped_peer_gets_to_clean_up_and_one_that_will_not_is_killed(tmp_pat
     """SIGINT first (vLLM unlinks its shared memory on it), SIGKILL after the grace period."""
     held = tmp_path / "held"
     cleans_up = (
-        f"import pathlib, time; p = pathlib.Path({str(held)!r}); p.touch(); print('serving', flush=True)\n"
+        # restores the Ctrl-C that a background job's shell ignores, as the runner does (stop_with_parent)
+        "import pathlib, signal, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"p = pathlib.Path({str(held)!r}); p.touch(); print('serving', flush=True)\n"
         "try:\n    time.sleep(60)\nfinally:\n    p.unlink()"
     )
     with pytest.raises(SidpError, match="ran past its 0.5 s"):

@@ -28,9 +28,6 @@ MIN_MODEL_LEN = 2048  # what vLLM's CPU figures in docs/BENCHMARKS.md were measu
 
 
 def main() -> None:
-    # Stopping means SIGINT (sidp/bench/peer.py), even where this process was started with it ignored,
-    # as a shell does for a background job: on it, vLLM unlinks its shared memory as it shuts down.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     if args.profile:
         restart_in_process()
@@ -113,6 +110,10 @@ def stop_with_parent(parent: int, every_s: float = 0.5, grace_s: float = 15.0) -
     processes shut down and unlink their shared memory, and SIGKILL to what is left after `grace_s`.
     The runner leads its group (sidp starts it in a session of its own). Output goes to /dev/null from then
     on: the pipe sidp read is closed."""
+    # Stopping means SIGINT, from sidp or from the watcher below, even where this process was started with
+    # it ignored, as a shell does for a background job: on it, vLLM unlinks its shared memory as it shuts
+    # down. (Only the main thread may set a handler, and this is called from it.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while os.getppid() == parent:
