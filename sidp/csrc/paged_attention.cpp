@@ -194,10 +194,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // scores are stored as one vector whatever its length.
 struct Scratch {
   int64_t width, len_stride;
-  std::vector<float> q, rows, scores, acc, inv_sum;
+  std::vector<float> q, rows, zeros, scores, acc, inv_sum;  // zeros: a row of zeros in any element type
   Scratch(int64_t heads, int64_t head_dim, int64_t max_len)
       : width(round_up(head_dim, kLanes)), len_stride(round_up(max_len, kLanes) + kLanes), q(heads * width),
-        rows(kLanes * width), scores(heads * len_stride), acc(heads * width), inv_sum(heads) {}
+        rows(kLanes * width), zeros(width), scores(heads * len_stride), acc(heads * width), inv_sum(heads) {}
 };
 
 // Calls f(start, m, first_row) for each run of up to kLanes tokens of the sequence that share a cache
@@ -230,22 +230,54 @@ void for_each_run(const T* cache, const Problem& p, const Task& task, int64_t n,
   }
 }
 
-// Lane t of the result is the dot product of q with row t (t < m; other lanes are 0), `width` elements
-// each. Summing each row's vector on its own would cost as much again as the multiplies; folding them
-// together costs about three instructions per row.
-template <typename R>
-inline fvec block_scores(const float* q, const typename R::T* rows, int64_t stride, int64_t m,
-                         int64_t width) {
-  fvec part[kLanes];
+// Vector registers the target has: the loops below keep as many partial sums in them as fit.
+#if defined(__AVX512F__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+
+// How many partial sums per query head fit beside the N heads' own vectors and one loaded vector: a power of
+// two, at most kLanes.
+template <int N>
+constexpr int sums_per_head() {
+  int k = kLanes;
+  while (k > 1 && N * k + N + 1 > kRegisters) k /= 2;
+  return k;
+}
+
+// For each of N query heads g (its q at q + g * q_stride): scores[g] gets, in lane t, the dot product of q with
+// row t (t < m), `width` elements each. Rows are taken sums_per_head<N>() at a time, so that each loaded
+// vector of a row serves all N heads and each q vector all those rows; rows past m read `zeros`. Summing each
+// row's vector on its own would cost as much again as the multiplies; folding a head's rows together costs
+// about three instructions per row.
+template <int N, typename R>
+inline void block_scores(const float* q, int64_t q_stride, const typename R::T* rows, int64_t stride, int64_t m,
+                         int64_t width, const typename R::T* zeros, fvec* scores) {
+  constexpr int K = sums_per_head<N>();
+  fvec part[N][kLanes];
+  for (int t0 = 0; t0 < kLanes; t0 += K) {
+    if (t0 >= m) {  // a run's last rows: their lanes are overwritten or never read
+      for (int g = 0; g < N; ++g)
+        for (int t = 0; t < K; ++t) part[g][t0 + t] = fvec{};
+      continue;
+    }
+    const typename R::T* row[K];
+    for (int t = 0; t < K; ++t) row[t] = t0 + t < m ? rows + (t0 + t) * stride : zeros;
+    fvec acc[N][K] = {};
+    for (int64_t c = 0; c < width; c += kLanes) {
+      fvec qv[N];
+      for (int g = 0; g < N; ++g) qv[g] = vload(q + g * q_stride + c);
 #pragma GCC unroll 16
-  for (int t = 0; t < kLanes; ++t) {
-    fvec acc = {};
-    if (t < m)
-      for (int64_t c = 0; c < width; c += kLanes)
-        acc = fmadd(vload(q + c), R::load(rows + t * stride + c), acc);
-    part[t] = acc;
+      for (int t = 0; t < K; ++t) {
+        const fvec x = R::load(row[t] + c);
+        for (int g = 0; g < N; ++g) acc[g][t] = fmadd(qv[g], x, acc[g][t]);
+      }
+    }
+    for (int g = 0; g < N; ++g)
+      for (int t = 0; t < K; ++t) part[g][t0 + t] = acc[g][t];
   }
-  return fold_rows<kLanes / 2>(part);
+  for (int g = 0; g < N; ++g) scores[g] = fold_rows<kLanes / 2>(part[g]);
 }
 
 #if defined(__AVX512BF16__)
@@ -273,19 +305,49 @@ constexpr bool kDotBf16 = false;
 inline fvec block_scores_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t) { return fvec{}; }
 #endif
 
-// For each of N query heads g: acc[g] += sum over t < m of w[g][t] * rows[t], loading each row once for
-// all of them (N is fixed so that the sums stay in registers).
+// For each of N query heads g: acc[g] += sum over t < m of w[g][t] * rows[t], sums_per_head<N>() vectors of
+// each row at a time, so that each loaded vector serves all N heads and each weight all those vectors.
 template <int N, typename R>
 inline void accumulate(float* acc, int64_t acc_stride, const float* w, int64_t w_stride,
                        const typename R::T* rows, int64_t stride, int64_t m, int64_t width) {
-  for (int64_t c = 0; c < width; c += kLanes) {
-    fvec a[N];
-    for (int g = 0; g < N; ++g) a[g] = vload(acc + g * acc_stride + c);
+  constexpr int K = sums_per_head<N>();
+  for (int64_t c0 = 0; c0 < width; c0 += K * kLanes) {
+    const int k = int(std::min<int64_t>(K, (width - c0) / kLanes));
+    fvec a[N][K];
+    for (int g = 0; g < N; ++g)
+      for (int j = 0; j < K; ++j) a[g][j] = j < k ? vload(acc + g * acc_stride + c0 + j * kLanes) : fvec{};
     for (int64_t t = 0; t < m; ++t) {
-      const fvec x = R::load(rows + t * stride + c);
-      for (int g = 0; g < N; ++g) a[g] = fmadd(splat(w[g * w_stride + t]), x, a[g]);
+      fvec wt[N];
+      for (int g = 0; g < N; ++g) wt[g] = splat(w[g * w_stride + t]);
+#pragma GCC unroll 16
+      for (int j = 0; j < K; ++j) {
+        if (j >= k) break;
+        const fvec x = R::load(rows + t * stride + c0 + j * kLanes);
+        for (int g = 0; g < N; ++g) a[g][j] = fmadd(wt[g], x, a[g][j]);
+      }
     }
-    for (int g = 0; g < N; ++g) vstore(acc + g * acc_stride + c, a[g]);
+    for (int g = 0; g < N; ++g)
+      for (int j = 0; j < k; ++j) vstore(acc + g * acc_stride + c0 + j * kLanes, a[g][j]);
+  }
+}
+
+// The scores of query heads [h, h + G) of one KV head for the run of m rows at `start`, four heads at a time.
+template <typename R>
+void scores_group(Scratch& s, int64_t h, int64_t G, int64_t start, const typename R::T* rows, int64_t stride,
+                  int64_t m, float scale) {
+  const int64_t W = s.width, ls = s.len_stride;
+  const auto* zeros = reinterpret_cast<const typename R::T*>(s.zeros.data());
+  for (int64_t end = h + G; h < end; h += 4) {
+    const float* q = s.q.data() + h * W;
+    fvec sc[4];
+    switch (std::min<int64_t>(4, end - h)) {
+      case 1: block_scores<1, R>(q, W, rows, stride, m, W, zeros, sc); break;
+      case 2: block_scores<2, R>(q, W, rows, stride, m, W, zeros, sc); break;
+      case 3: block_scores<3, R>(q, W, rows, stride, m, W, zeros, sc); break;
+      default: block_scores<4, R>(q, W, rows, stride, m, W, zeros, sc); break;
+    }
+    for (int64_t g = 0; g < std::min<int64_t>(4, end - h); ++g)
+      vstore(s.scores.data() + (h + g) * ls + start, sc[g] * scale);
   }
 }
 
@@ -339,8 +401,7 @@ void attend(const Problem& p, const Task& task, Scratch& s) {
         }
       }
       with_rows<L>(rows, row_stride, m, D, s, [&](auto r, const auto* x, int64_t stride) {
-        for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h)
-          vstore(scores(h), block_scores<decltype(r)>(s.q.data() + h * W, x, stride, m, W) * p.scale);
+        scores_group<decltype(r)>(s, kvh * G, G, start, x, stride, m, p.scale);
       });
     }
   });
