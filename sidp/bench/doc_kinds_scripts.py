@@ -4,6 +4,8 @@ markers)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sidp.bench.doc_kinds import PEERS, Renderer, name, share, table, times
 
 
@@ -36,12 +38,13 @@ def profile_vs_peer(paths: list[str], docs: list[dict], options: dict[str, str])
 
 
 def attention(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
-    """benchmarks/attention_microbench.py: the paged decode kernel of each run's CPU path against the
-    gather + bmm reference, with the K/V bytes it read per second, and where those came from: the cache's
-    layout, how many layer caches the calls cycled through and the order of each sequence's blocks (runs
-    before those options read rows, shuffled)."""
+    """benchmarks/attention_microbench.py: the paged decode kernel of each run (named by its JSON) and CPU
+    path against the gather + bmm reference, with the K/V bytes it read per second, and where those came
+    from: the cache's layout, how many layer caches the calls cycled through and the order of each
+    sequence's blocks (runs before those options read rows, shuffled)."""
     rows = [
         [
+            Path(path).stem,
             d["meta"]["path"],
             ", ".join(
                 str(d["meta"].get(k, v))
@@ -55,14 +58,14 @@ def attention(paths: list[str], docs: list[dict], options: dict[str, str]) -> st
             f"{r['reference_ms']:.3f} ({r['reference_min_ms']:.3f})" if "reference_ms" in r else "-",
             times(r["speedup"]) if "reference_ms" in r else "-",
         ]
-        for d in docs
+        for path, d in zip(paths, docs, strict=True)
         for r in d["results"]
     ]
     head = (
-        "path | layout, caches, blocks | dtype | batch | context | kernel ms, median (best) | "
+        "run | path | layout, caches, blocks | dtype | batch | context | kernel ms, median (best) | "
         "K/V GB/s (median) | gather + bmm reference ms, median (best) | speed-up (medians)"
     )
-    return table(head, rows, "lllrrrrrr")
+    return table(head, rows, "llllrrrrrr")
 
 
 def matmul_dtypes(paths: list[str], docs: list[dict], options: dict[str, str]) -> str:
