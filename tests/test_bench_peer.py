@@ -160,7 +160,11 @@ def test_stream_copies_the_output_and_reports_failures_with_their_last_lines(cap
 
 
 def test_stream_stops_a_peer_that_runs_past_its_limit():
-    hangs = "import time; print('compiling', flush=True); time.sleep(60)"
+    # interruptible as the runner is, or it would sit out the grace period where a shell ignores SIGINT
+    hangs = (
+        "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "print('compiling', flush=True); time.sleep(60)"
+    )
     with pytest.raises(SidpError, match=r"ran past its 0.5 s and was stopped; its last lines:\ncompiling"):
         peer.stream([sys.executable, "-c", hangs], {}, limit_s=0.5)
 
