@@ -331,41 +331,41 @@ inline void accumulate(float* acc, int64_t acc_stride, const float* w, int64_t w
   }
 }
 
-// The scores of query heads [h, h + G) of one KV head for the run of m rows at `start`, four heads at a time.
-template <typename R>
-void scores_group(Scratch& s, int64_t h, int64_t G, int64_t start, const typename R::T* rows, int64_t stride,
-                  int64_t m, float scale) {
-  const int64_t W = s.width, ls = s.len_stride;
-  const auto* zeros = reinterpret_cast<const typename R::T*>(s.zeros.data());
+// Calls f(std::integral_constant<int, N>{}, h) for the query heads [h, h + G) of one KV head, N = 4 at a time
+// (fewer for the last): a count fixed at compile time, so that their sums stay in registers.
+template <typename F>
+inline void four_heads_at_a_time(int64_t h, int64_t G, F&& f) {
   for (int64_t end = h + G; h < end; h += 4) {
-    const float* q = s.q.data() + h * W;
-    fvec sc[4];
     switch (std::min<int64_t>(4, end - h)) {
-      case 1: block_scores<1, R>(q, W, rows, stride, m, W, zeros, sc); break;
-      case 2: block_scores<2, R>(q, W, rows, stride, m, W, zeros, sc); break;
-      case 3: block_scores<3, R>(q, W, rows, stride, m, W, zeros, sc); break;
-      default: block_scores<4, R>(q, W, rows, stride, m, W, zeros, sc); break;
+      case 1: f(std::integral_constant<int, 1>{}, h); break;
+      case 2: f(std::integral_constant<int, 2>{}, h); break;
+      case 3: f(std::integral_constant<int, 3>{}, h); break;
+      default: f(std::integral_constant<int, 4>{}, h); break;
     }
-    for (int64_t g = 0; g < std::min<int64_t>(4, end - h); ++g)
-      vstore(s.scores.data() + (h + g) * ls + start, sc[g] * scale);
   }
 }
 
-// The query heads [h, h + G) of one KV head, four at a time.
+// The scores of query heads [h0, h0 + G) of one KV head for the run of m rows at `start`.
 template <typename R>
-void accumulate_group(Scratch& s, int64_t h, int64_t G, int64_t start, const typename R::T* rows,
+void scores_group(Scratch& s, int64_t h0, int64_t G, int64_t start, const typename R::T* rows, int64_t stride,
+                  int64_t m, float scale) {
+  const int64_t W = s.width, ls = s.len_stride;
+  const auto* zeros = reinterpret_cast<const typename R::T*>(s.zeros.data());
+  four_heads_at_a_time(h0, G, [&](auto n, int64_t h) {
+    fvec sc[n];
+    block_scores<n, R>(s.q.data() + h * W, W, rows, stride, m, W, zeros, sc);
+    for (int g = 0; g < n; ++g) vstore(s.scores.data() + (h + g) * ls + start, sc[g] * scale);
+  });
+}
+
+// The values of query heads [h0, h0 + G) of one KV head for the run of m rows at `start`.
+template <typename R>
+void accumulate_group(Scratch& s, int64_t h0, int64_t G, int64_t start, const typename R::T* rows,
                       int64_t stride, int64_t m) {
   const int64_t W = s.width, ls = s.len_stride;
-  for (int64_t end = h + G; h < end; h += 4) {
-    float* acc = s.acc.data() + h * W;
-    const float* w = s.scores.data() + h * ls + start;
-    switch (std::min<int64_t>(4, end - h)) {
-      case 1: accumulate<1, R>(acc, W, w, ls, rows, stride, m, W); break;
-      case 2: accumulate<2, R>(acc, W, w, ls, rows, stride, m, W); break;
-      case 3: accumulate<3, R>(acc, W, w, ls, rows, stride, m, W); break;
-      default: accumulate<4, R>(acc, W, w, ls, rows, stride, m, W); break;
-    }
-  }
+  four_heads_at_a_time(h0, G, [&](auto n, int64_t h) {
+    accumulate<n, R>(s.acc.data() + h * W, W, s.scores.data() + h * ls + start, ls, rows, stride, m, W);
+  });
 }
 
 // Calls f(element_type, rows, stride) on the m rows of one KV head starting at `first`: the cache's own
