@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ def main() -> None:
     ops = op_times(prof)
     report = {
         "command": " ".join(["python", *(home_as_tilde(a) for a in sys.argv)]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "num_requests": len(requests),
         **breakdown(ops, wall),
