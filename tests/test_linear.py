@@ -8,25 +8,52 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidp.model import linear
+from sidp.model import cpu_kernels, linear
 
 
-@pytest.mark.parametrize("rows", [3, 17])
-@pytest.mark.parametrize("chunked", [False, True])
-def test_widened_product_matches_float32(monkeypatch, chunked, rows):
-    if chunked:  # 24 weight rows per chunk of a 100-row weight, in a fresh small scratch
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("how", ["kernel", "scratch", "scratch-chunked"])
+def test_widened_product_matches_float32(monkeypatch, how, rows):
+    if how != "kernel":  # the path of CPUs without sidp's widening kernel (not x86)
+        monkeypatch.setattr(linear, "widens_in_kernel", lambda: False)
+    elif not linear.widens_in_kernel():
+        pytest.skip("this CPU path has no widening kernel")
+    if how == "scratch-chunked":  # 24 weight rows per chunk of a 100-row weight, in a fresh small scratch
         monkeypatch.setattr(linear, "SCRATCH_ELEMENTS", 24 * 40)
         monkeypatch.setattr(linear, "L2_CHUNK_ELEMENTS", 24 * 40)
         monkeypatch.setattr(linear, "_local", threading.local())
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, rows, 40, generator=g)
+    x = torch.randn(1 if rows == 1 else 2, rows, 40, generator=g)  # one row alone is narrowed to bf16
     w = torch.randn(100, 40, generator=g).bfloat16()
     b = torch.randn(100, generator=g).bfloat16()
+    ran = _ops_run(lambda: linear.linear(x, w, b))
+    assert any(name.endswith("::linear_widened") for name in ran) == (how == "kernel" and rows > 1)
     got = linear.linear(x, w, b)
-    assert got.dtype == torch.float32 and got.shape == (2, rows, 100)
+    assert got.dtype == torch.float32 and got.shape == (*x.shape[:-1], 100)
     want = F.linear(x, w.float(), b.float())
     tol = 1e-5 if rows >= linear.MIN_ROWS_TO_WIDEN else 5e-2  # few rows are narrowed to bf16 instead
     torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("path", [p for p in cpu_kernels.supported_paths() if p != "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widening_kernel_on_every_path(path, dtype):
+    """Shapes off every block size of the kernel (16 or 32 outputs a panel, 256 k deep, 6 or 12 rows at
+    once, 8 by 8 transposes), x rows strided, with and without bias, against a float64 product."""
+    g = torch.Generator().manual_seed(1)
+    kernel = cpu_kernels.ops(path).linear_widened
+    shapes = [(1, 1, 1), (7, 33, 300), (13, 16, 5), (25, 96, 576), (12, 40, 513), (5, 3, 0)]
+    for rows, outputs, depth in shapes:
+        x = torch.randn(rows, depth + 3, generator=g)[:, 3:]  # rows 3 elements apart from their length
+        w = torch.randn(outputs, depth, generator=g).to(dtype)
+        b = torch.randn(outputs, generator=g).to(dtype)
+        for bias in (None, b):
+            want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            got = kernel(x, w, bias)
+            assert got.dtype == torch.float32 and got.shape == (rows, outputs)
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        kernel(torch.randn(2, 4), torch.randn(3, 4), None)
 
 
 def test_same_dtype_is_plain_linear():
@@ -54,6 +81,8 @@ def test_compute_dtype():
     wide = linear.compute_dtype(torch.bfloat16)
     assert wide == (torch.bfloat16 if linear.native_matmul(torch.bfloat16) else torch.float32)
     assert linear.scratch_bytes(torch.float32) == 0
+    kept = 0 if wide == torch.bfloat16 or linear.widens_in_kernel() else linear.SCRATCH_ELEMENTS * 4
+    assert linear.scratch_bytes(torch.bfloat16) == kept
 
 
 def _amx() -> bool:

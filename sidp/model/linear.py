@@ -3,12 +3,12 @@
 On a CPU without bfloat16 (or float16) instructions, PyTorch multiplies those dtypes about four
 times slower than float32 (measured here: 3.9 against 1.0 ms for 64×576 by 576×3072; AVX-512
 without AVX512-BF16 or AMX). There the decoder computes in float32 (`compute_dtype`) while weights
-and KV cache stay stored in the model dtype, so the memory ledger holds: `linear` widens each weight
-into a reusable per-thread float32 scratch, chunk by chunk, and multiplies in float32 (the rounding
-of a bf16 GEMM with a float32 accumulator). How big a chunk depends on the product
-(`python benchmarks/matmul_dtypes.py`, 3072x576): a few rows on one thread go faster through chunks
-small enough to stay in the core's L2 cache, while many rows, or two threads, go faster through the
-largest chunks; a single row is cheaper narrowed to bf16 instead.
+and KV cache stay stored in the model dtype, so the memory ledger holds: `linear` multiplies float32
+activations by the 16-bit weight with sidp's own kernel (sidp/csrc/linear_widened.cpp), which widens the
+weight panel by panel inside each core's L1 cache and never writes a float32 copy of it (the rounding of
+a bf16 GEMM with a float32 accumulator). A single row is cheaper narrowed to bf16 instead. On a CPU path
+without that kernel (`native`: not x86), each weight is widened into a reusable per-thread float32
+scratch, chunk by chunk, and multiplied by PyTorch.
 
 Where the CPU multiplies bf16 in hardware, weights are packed for oneDNN once (`packed`); so are float32
 weights on AMD CPUs, where oneDNN multiplies float32 faster than MKL (`packs`). On AMX, a
@@ -68,9 +68,15 @@ def compute_dtype(dtype: torch.dtype, device: str = "cpu") -> torch.dtype:
     return dtype if device != "cpu" or native_matmul(dtype) else torch.float32
 
 
+def widens_in_kernel() -> bool:
+    """Whether sidp's widening kernel runs the products of 16-bit weights by float32 rows: every x86 CPU
+    path is built with it (AVX2, FMA and F16C at least); `native` widens into a scratch instead."""
+    return cpu_kernels.chosen_path() != "native"
+
+
 def scratch_bytes(dtype: torch.dtype, device: str = "cpu") -> int:
-    """What widening keeps per thread, for the memory ledger."""
-    return 0 if compute_dtype(dtype, device) == dtype else SCRATCH_ELEMENTS * 4
+    """What widening keeps per thread outside the kernel, for the memory ledger."""
+    return 0 if compute_dtype(dtype, device) == dtype or widens_in_kernel() else SCRATCH_ELEMENTS * 4
 
 
 def packs(dtype: torch.dtype) -> bool:
@@ -120,6 +126,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows < MIN_ROWS_TO_WIDEN:
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     out_features, in_features = weight.shape
+    if widens_in_kernel() and weight.stride(-1) == 1:
+        flat = x.reshape(rows, in_features)  # rows may lie apart (the kernel takes a row stride)
+        flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+        return cpu_kernels.ops().linear_widened(flat, weight, bias).view(*x.shape[:-1], out_features)
     few = rows <= FEW_ROWS and torch.get_num_threads() == 1
     chunk = max(1, min(out_features, (L2_CHUNK_ELEMENTS if few else SCRATCH_ELEMENTS) // in_features))
     scratch = _scratch()
