@@ -41,7 +41,8 @@ MATMUL = {
     "_C::onednn_mm",  # vLLM's
     "_C::weight_packed_linear",
 }
-SIDP_MATMUL = "::linear_amx"  # sidp's AMX kernel, under its CPU path's namespace (sidp_amx)
+# sidp's own products, under their CPU path's namespace (sidp_amx::linear_amx, sidp_avx2::linear_widened)
+SIDP_MATMUL = ("::linear_amx", "::linear_widened")
 GROUPS = {  # first match wins; MATMUL is checked before these
     "attention": ("attention", "attn", "sdpa", "flash", "cache_write", "kv_cache"),
     "copies and casts": ("copy", "to", "_to_copy", "index", "cat", "clone", "contiguous", "empty", "fill"),

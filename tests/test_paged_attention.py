@@ -98,6 +98,20 @@ def test_matches_reference_and_sdpa(kernel, dtype, block_size, heads, batch):
     torch.testing.assert_close(out, paged_decode_attention_reference(*problem), rtol=2 * rtol, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_query_over_a_16_bit_cache(kernel, cache_dtype):
+    """A model computed in float32 over a bf16 or fp16 cache (a CPU without bf16 products): q and the
+    output stay float32, unrounded, so the kernel equals the float32 reference over the widened cache."""
+    q, *rest = make_problem(lengths(37, 16), 9, 3, 64, 16, cache_dtype)
+    problem = (torch.randn(q.shape, generator=torch.Generator().manual_seed(5)), *rest)
+    out = kernel(*problem)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, float32_reference(*problem), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, paged_decode_attention_reference(*problem), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="q have it or be float32"):
+        kernel(problem[0].to(torch.float16 if cache_dtype == torch.bfloat16 else torch.bfloat16), *rest)
+
+
 def test_reference_matches_sdpa():
     problem = make_problem(lengths(37, 16), 9, 3, 64, 16, torch.float32)
     torch.testing.assert_close(

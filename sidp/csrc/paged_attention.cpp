@@ -378,22 +378,24 @@ void with_rows(const typename L::T* first, int64_t row_stride, int64_t m, int64_
 }
 
 // The task's query heads: one pass over its keys, then one over its values, each reading every row of its
-// KV heads once however large the group.
-template <typename L>
+// KV heads once however large the group. L is the cache's element type; Q that of q and out (L's, or F32
+// where the model computes in float32 over a 16-bit cache).
+template <typename L, typename Q = L>
 void attend(const Problem& p, const Task& task, Scratch& s) {
   using T = typename L::T;
+  using QT = typename Q::T;
   const int64_t D = p.head_dim, W = s.width, G = p.num_heads / p.num_kv_heads, ls = s.len_stride;
   const int64_t n = p.context_lens[task.seq], n_pad = round_up(n, kLanes);
   const int64_t row_stride = p.num_kv_heads * D;  // between consecutive tokens of one block
   const int64_t h0 = task.kv_begin * G, h1 = task.kv_end * G;  // the task's query heads
-  const T* q = static_cast<const T*>(p.q) + task.seq * p.q_stride;
-  for (int64_t h = h0; h < h1; ++h) L::widen(q + h * D, s.q.data() + h * W, D);
+  const QT* q = static_cast<const QT*>(p.q) + task.seq * p.q_stride;
+  for (int64_t h = h0; h < h1; ++h) Q::widen(q + h * D, s.q.data() + h * W, D);
 
   for_each_run(static_cast<const T*>(p.k), p, task, n, [&](int64_t start, int64_t m, const T* first) {
     auto scores = [&](int64_t h) { return s.scores.data() + h * ls + start; };
     for (int64_t kvh = task.kv_begin; kvh < task.kv_end; ++kvh) {
       const T* rows = first + kvh * D;
-      if constexpr (kDotBf16 && std::is_same_v<L, BF16>) {
+      if constexpr (kDotBf16 && std::is_same_v<L, BF16> && std::is_same_v<Q, BF16>) {
         if (D % 32 == 0) {
           for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h)
             vstore(scores(h), block_scores_bf16(q + h * D, rows, row_stride, m, D) * p.scale);
@@ -420,9 +422,9 @@ void attend(const Problem& p, const Task& task, Scratch& s) {
       });
   });
 
-  T* out = static_cast<T*>(p.out) + task.seq * p.num_heads * D;
+  QT* out = static_cast<QT*>(p.out) + task.seq * p.num_heads * D;
   for (int64_t h = h0; h < h1; ++h)
-    for (int64_t d = 0; d < D; ++d) L::store(s.acc[h * W + d] * s.inv_sum[h], out + h * D + d);
+    for (int64_t d = 0; d < D; ++d) Q::store(s.acc[h * W + d] * s.inv_sum[h], out + h * D + d);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -470,16 +472,16 @@ void for_each_task(const Problem& p, int64_t batch, int64_t max_len, Attend&& at
   });
 }
 
-template <typename L>
+template <typename L, typename Q = L>
 void run(const Problem& p, int64_t batch, int64_t max_len) {
-  if (std::is_same_v<L, BF16> && on_amx(p))
+  if (std::is_same_v<L, BF16> && std::is_same_v<Q, BF16> && on_amx(p))
     return for_each_task<AmxScratch>(p, batch, max_len, [&](const Task& task, Scratch& s, AmxScratch& a) {
       attend_amx(p, task, s, a);
     });
   struct None {
     None(int64_t, int64_t) {}
   };
-  for_each_task<None>(p, batch, max_len, [&](const Task& task, Scratch& s, None&) { attend<L>(p, task, s); });
+  for_each_task<None>(p, batch, max_len, [&](const Task& task, Scratch& s, None&) { attend<L, Q>(p, task, s); });
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tables,
@@ -494,8 +496,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   // q may be rows of a wider tensor (the fused QKV projection): each sequence's heads must be contiguous.
   STD_TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && q.stride(0) >= q.size(1) * q.size(2),
                   "paged_decode_attention: q's heads must be contiguous within each sequence's row");
-  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                  "paged_decode_attention: q, k_cache and v_cache must share a dtype");
+  STD_TORCH_CHECK(v.scalar_type() == k.scalar_type() &&
+                      (q.scalar_type() == k.scalar_type() || q.scalar_type() == ScalarType::Float),
+                  "paged_decode_attention: k_cache and v_cache must share a dtype, and q have it or be float32");
   STD_TORCH_CHECK(tables.scalar_type() == ScalarType::Int && lens.scalar_type() == ScalarType::Int,
                   "paged_decode_attention: block_tables and context_lens must be int32");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(2);
@@ -543,10 +546,11 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
                   block_tables.size(1),
                   q.stride(0),
                   static_cast<float>(scale)};
-  switch (q.scalar_type()) {
+  const bool wide = q.scalar_type() != k_cache.scalar_type();  // float32 q and out over a 16-bit cache
+  switch (k_cache.scalar_type()) {
     case ScalarType::Float: run<F32>(p, q.size(0), max_len); break;
-    case ScalarType::BFloat16: run<BF16>(p, q.size(0), max_len); break;
-    case ScalarType::Half: run<F16>(p, q.size(0), max_len); break;
+    case ScalarType::BFloat16: wide ? run<BF16, F32>(p, q.size(0), max_len) : run<BF16>(p, q.size(0), max_len); break;
+    case ScalarType::Half: wide ? run<F16, F32>(p, q.size(0), max_len) : run<F16>(p, q.size(0), max_len); break;
     default: STD_TORCH_CHECK(false, "paged_decode_attention: dtype must be float32, bfloat16 or float16");
   }
   return out;

@@ -64,12 +64,8 @@ def paged_attention(
     cache.write(batch.slot_mapping, k, v)
     decoded = None
     if batch.num_decode:
-        decoded = cache.decode(
-            q[: batch.num_decode].to(cache.k.dtype),
-            batch.decode_block_tables,
-            batch.decode_context_lens,
-            scale,
-        )
+        tables, lens = batch.decode_block_tables, batch.decode_context_lens
+        decoded = cache.decode(q[: batch.num_decode], tables, lens, scale)
         if not batch.prefills:  # most steps: no rows to place beside the kernel's
             return decoded.to(q.dtype)
     out = torch.empty_like(q)

@@ -42,11 +42,14 @@ class KVCache:
         return self.k.view(-1, kv_heads, head_dim)[slots], self.v.view(-1, kv_heads, head_dim)[slots]
 
     def decode(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float):
-        """paged_decode_attention of q [B, H, D] (in the cache's dtype) over this cache."""
-        decode = paged_decode_attention
-        if q.is_cuda:  # imported here: the CPU path never needs triton
-            from sidp.model.paged_attention_triton import paged_decode_attention_triton as decode
-        return decode(q, self.k, self.v, block_tables, context_lens, scale)
+        """paged_decode_attention of q [B, H, D] over this cache: q in the cache's dtype, or on the CPU in
+        float32 over a 16-bit cache (the compute dtype of a CPU without bf16 products), answered in q's."""
+        if not q.is_cuda:
+            return paged_decode_attention(q, self.k, self.v, block_tables, context_lens, scale)
+        # imported here: the CPU path never needs triton
+        from sidp.model.paged_attention_triton import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, self.k, self.v, block_tables, context_lens, scale)
 
 
 class TiledKVCache(KVCache):
@@ -65,6 +68,7 @@ class TiledKVCache(KVCache):
         return k.reshape(len(slots), kv_heads, 2 * pairs), v
 
     def decode(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float):
+        q = q.to(self.k.dtype)  # bf16 already: tiles are taken only where bf16 is multiplied natively
         return paged_decode_attention_tiles(q, self.k, self.v, block_tables, context_lens, scale)
 
 

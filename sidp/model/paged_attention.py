@@ -21,14 +21,16 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its context in the paged cache.
 
-    q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] in q's dtype (fp32, bf16 or fp16);
+    q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] in q's dtype (fp32, bf16 or fp16), or
+    in bf16 or fp16 under a float32 q (a model computed in float32 over a 16-bit cache);
     block_tables int32 [B, max_blocks]; context_lens int32 [B], each >= 1, counting the new token, whose
     K/V must already be in the cache. Query head h reads KV head h // (H // Hkv). Returns [B, H, D] in q's
     dtype; softmax and sums are done in float32.
     """
     # The kernel re-checks everything it relies on; these only make a wrong call read better.
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "bad q / cache rank"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype"
+    assert k_cache.dtype == v_cache.dtype, "k_cache and v_cache must share a dtype"
+    assert q.dtype in (k_cache.dtype, torch.float32), "q must be in the cache's dtype or float32"
     assert block_tables.dtype == context_lens.dtype == torch.int32, "block_tables, context_lens must be int32"
     # The caches must already be contiguous.
     return cpu_kernels.ops().paged_decode_attention(
