@@ -68,9 +68,11 @@ def compute_dtype(dtype: torch.dtype, device: str = "cpu") -> torch.dtype:
     return dtype if device != "cpu" or native_matmul(dtype) else torch.float32
 
 
+@functools.cache
 def widens_in_kernel() -> bool:
     """Whether sidp's widening kernel runs the products of 16-bit weights by float32 rows: every x86 CPU
-    path is built with it (AVX2, FMA and F16C at least); `native` widens into a scratch instead."""
+    path is built with it (AVX2, FMA and F16C at least); `native` widens into a scratch instead. Looked up
+    once per process, as the kernels' path is (cpu_kernels.ops): `linear` asks on every call."""
     return cpu_kernels.chosen_path() != "native"
 
 
@@ -127,7 +129,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     out_features, in_features = weight.shape
     if widens_in_kernel() and weight.stride(-1) == 1:
-        flat = x.reshape(rows, in_features)  # rows may lie apart (the kernel takes a row stride)
+        if x.dim() == 2 and x.stride(-1) == 1:  # the decoder's rows (they may lie apart: a row stride)
+            return cpu_kernels.ops().linear_widened(x, weight, bias)
+        flat = x.reshape(rows, in_features)
         flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         return cpu_kernels.ops().linear_widened(flat, weight, bias).view(*x.shape[:-1], out_features)
     few = rows <= FEW_ROWS and torch.get_num_threads() == 1
