@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -72,14 +71,20 @@ inline __m256 widen8(const uint16_t* p, bool f16) {
 // r[i][j] <- r[j][i] for 8 vectors of 8 floats.
 inline void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
   for (int i = 0; i < 8; i += 4) {
     u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
     u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
     u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
     u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
-  for (int i = 0; i < 4; ++i) r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
 }
 
 // Outputs n0 .. n0 + cols of w, k0 .. k0 + depth, as float32 [depth][kCols] (columns past `cols` zero):
@@ -193,13 +198,12 @@ Tensor linear_widened(Tensor x, Tensor w, std::optional<Tensor> bias) {
   Tensor y = torch::stable::new_empty(x, {M, N});
   std::vector<float> wide_bias;
   if (bias.has_value()) {
-    STD_TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->numel() == N && bias->stride(0) == 1,
+    STD_TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->numel() == N &&
+                        bias->stride(0) == 1,
                     "linear_widened: bias must be a contiguous [N] in w's dtype");
     const auto* from = static_cast<const uint16_t*>(bias->const_data_ptr());
-    wide_bias.resize(N + kLanes);
-    for (int64_t n = 0; n < N; ++n) {
-      wide_bias[n] = widen(from[n], dtype == ScalarType::Half);
-    }
+    wide_bias.resize(N);
+    for (int64_t n = 0; n < N; ++n) wide_bias[n] = widen(from[n], dtype == ScalarType::Half);
   }
   const float* b = bias.has_value() ? wide_bias.data() : nullptr;
   if (M > 0 && N > 0)

@@ -546,11 +546,12 @@ Tensor paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor b
                   block_tables.size(1),
                   q.stride(0),
                   static_cast<float>(scale)};
+  const int64_t B = q.size(0);
   const bool wide = q.scalar_type() != k_cache.scalar_type();  // float32 q and out over a 16-bit cache
   switch (k_cache.scalar_type()) {
-    case ScalarType::Float: run<F32>(p, q.size(0), max_len); break;
-    case ScalarType::BFloat16: wide ? run<BF16, F32>(p, q.size(0), max_len) : run<BF16>(p, q.size(0), max_len); break;
-    case ScalarType::Half: wide ? run<F16, F32>(p, q.size(0), max_len) : run<F16>(p, q.size(0), max_len); break;
+    case ScalarType::Float: run<F32>(p, B, max_len); break;
+    case ScalarType::BFloat16: wide ? run<BF16, F32>(p, B, max_len) : run<BF16>(p, B, max_len); break;
+    case ScalarType::Half: wide ? run<F16, F32>(p, B, max_len) : run<F16>(p, B, max_len); break;
     default: STD_TORCH_CHECK(false, "paged_decode_attention: dtype must be float32, bfloat16 or float16");
   }
   return out;
