@@ -8,6 +8,7 @@
 // 256 k, one panel after another: a float32 GEMM's rounding, not PyTorch's order.
 
 #include "library.h"
+#include "vectors.h"
 
 #include <algorithm>
 #include <bit>
@@ -16,36 +17,13 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-#if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int64_t kLanes = 16;
-constexpr int64_t kRows = 12;  // 24 sums + 2 weight vectors + 1 broadcast of 32 registers
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec load(const float* p) { return _mm512_load_ps(p); }
-inline Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
-inline void storeu(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-#else
-using Vec = __m256;
-constexpr int64_t kLanes = 8;
-constexpr int64_t kRows = 6;  // 12 sums + 2 weight vectors + 1 broadcast of 16 registers
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec load(const float* p) { return _mm256_load_ps(p); }
-inline Vec loadu(const float* p) { return _mm256_loadu_ps(p); }
-inline void storeu(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-#endif
+constexpr int64_t kRows = kRegisters == 32 ? 12 : 6;  // 2 x kRows sums + 2 weight vectors + 1 broadcast
 
 inline float widen(uint16_t v, bool f16) {
   return f16 ? float(std::bit_cast<_Float16>(v)) : std::bit_cast<float>(uint32_t(v) << 16);
@@ -115,19 +93,19 @@ void widen_panel(const Problem& p, int64_t n0, int64_t cols, int64_t k0, int64_t
 template <int64_t R>
 void multiply(const Problem& p, int64_t m0, int64_t n0, int64_t cols, int64_t k0, int64_t depth,
               const float* panel, bool first, bool last) {
-  Vec lo[R], hi[R];  // the sums of outputs n0 .. n0 + kLanes, and of the kLanes after them
+  fvec lo[R], hi[R];  // the sums of outputs n0 .. n0 + kLanes, and of the kLanes after them
 #pragma GCC unroll 16
-  for (int64_t r = 0; r < R; ++r) lo[r] = hi[r] = zero();
+  for (int64_t r = 0; r < R; ++r) lo[r] = hi[r] = fvec{};
   const float* x = p.x + m0 * p.x_stride + k0;
   const int64_t stride = p.x_stride;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < depth; ++k) {
-    const Vec w0 = load(panel + k * kCols), w1 = load(panel + k * kCols + kLanes);
+    const fvec w0 = vload(panel + k * kCols), w1 = vload(panel + k * kCols + kLanes);
 #pragma GCC unroll 16
     for (int64_t r = 0; r < R; ++r) {
-      const Vec a = broadcast(x + r * stride + k);
-      lo[r] = fma(a, w0, lo[r]);
-      hi[r] = fma(a, w1, hi[r]);
+      const fvec a = splat(x[r * stride + k]);
+      lo[r] = fmadd(a, w0, lo[r]);
+      hi[r] = fmadd(a, w1, hi[r]);
     }
   }
   const float* bias = last && p.bias ? p.bias + n0 : nullptr;
@@ -135,17 +113,17 @@ void multiply(const Problem& p, int64_t m0, int64_t n0, int64_t cols, int64_t k0
 #pragma GCC unroll 16
     for (int64_t r = 0; r < R; ++r) {
       float* y = p.y + (m0 + r) * p.N + n0;
-      Vec a = lo[r], b = hi[r];
-      if (!first) a = add(loadu(y), a), b = add(loadu(y + kLanes), b);
-      if (bias) a = add(a, loadu(bias)), b = add(b, loadu(bias + kLanes));
-      storeu(y, a);
-      storeu(y + kLanes, b);
+      fvec a = lo[r], b = hi[r];
+      if (!first) a = vload(y) + a, b = vload(y + kLanes) + b;
+      if (bias) a = a + vload(bias), b = b + vload(bias + kLanes);
+      vstore(y, a);
+      vstore(y + kLanes, b);
     }
     return;
   }
   alignas(64) float out[R][kCols];
 #pragma GCC unroll 16
-  for (int64_t r = 0; r < R; ++r) storeu(out[r], lo[r]), storeu(out[r] + kLanes, hi[r]);
+  for (int64_t r = 0; r < R; ++r) vstore(out[r], lo[r]), vstore(out[r] + kLanes, hi[r]);
   for (int64_t r = 0; r < R; ++r) {
     float* y = p.y + (m0 + r) * p.N + n0;
     for (int64_t c = 0; c < cols; ++c) {

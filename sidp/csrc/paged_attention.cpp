@@ -10,10 +10,7 @@
 
 #include "exp_nonpositive.h"
 #include "library.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "vectors.h"
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include "amx_tiles.h"
 #endif
@@ -36,38 +33,8 @@ using torch::stable::Tensor;
 inline float as_float(uint32_t u) { return std::bit_cast<float>(u); }
 inline uint32_t as_bits(float f) { return std::bit_cast<uint32_t>(f); }
 
-// One vector is as wide as the target's registers: generic vectors wider than that are split by gcc
-// through the stack, which made an AVX2 build ten times slower.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;  // SSE, NEON
-#endif
-typedef float fvec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t hvec __attribute__((vector_size(2 * kLanes)));
-
-inline fvec splat(float x) { return x - fvec{}; }  // x - 0 is x, so no add is emitted
-
-inline fvec vload(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-  return v;
-}
-inline void vstore(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
-
-// a * b + c, rounded once where the target has FMA; the reference's matrix products round that way too.
-inline fvec fmadd(fvec a, fvec b, fvec c) {
-#if defined(__AVX512F__)
-  return (fvec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  return (fvec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
 
 // Element types of the cache: load() reads kLanes elements as floats, widen() turns n elements into
 // floats, store() narrows one result.
@@ -229,13 +196,6 @@ void for_each_run(const T* cache, const Problem& p, const Task& task, int64_t n,
     f(start, m, first);
   }
 }
-
-// Vector registers the target has: the loops below keep as many partial sums in them as fit.
-#if defined(__AVX512F__)
-constexpr int kRegisters = 32;
-#else
-constexpr int kRegisters = 16;
-#endif
 
 // How many partial sums per query head fit beside the N heads' own vectors and one loaded vector: a power of
 // two, at most kLanes.

@@ -67,7 +67,7 @@ def paged_attention(
         tables, lens = batch.decode_block_tables, batch.decode_context_lens
         decoded = cache.decode(q[: batch.num_decode], tables, lens, scale)
         if not batch.prefills:  # most steps: no rows to place beside the kernel's
-            return decoded.to(q.dtype)
+            return decoded  # in q's dtype: each decode kernel answers in it
     out = torch.empty_like(q)
     if decoded is not None:
         out[: batch.num_decode] = decoded

@@ -68,7 +68,6 @@ class TiledKVCache(KVCache):
         return k.reshape(len(slots), kv_heads, 2 * pairs), v
 
     def decode(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float):
-        q = q.to(self.k.dtype)  # bf16 already: tiles are taken only where bf16 is multiplied natively
         return paged_decode_attention_tiles(q, self.k, self.v, block_tables, context_lens, scale)
 
 
